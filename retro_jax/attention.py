@@ -1,0 +1,232 @@
+"""Attention layers of RETRO: causal self-attention and chunked cross-attention.
+
+Shape glossary:
+  B: batch.               N: decoder sequence length (a multiple of m).
+  m: chunk size.          L: chunks per sequence, N // m.
+  k: neighbours a chunk.  r: tokens a neighbour (chunk + continuation).
+  H: heads.               K: head width.
+  D: decoder width.       E: encoder width.
+  T, S: query and key lengths of a generic attention.
+
+Every attention here is multi-head, has no biases, applies rotary position
+embeddings (RoPE) to queries and keys where positions mean something, and
+computes its softmax in float32 whatever the compute dtype.
+
+Masking convention: `key_valid` marks keys that exist (neighbour tokens that
+are not padding). A query whose keys are all invalid gets an output of exactly
+zero, so a chunk without any neighbour adds nothing through its CCA residual
+and the network behaves as if that CCA layer were absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # Finite: a fully masked row must not produce NaN.
+
+
+# -- building blocks ----------------------------------------------------------
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding, half-split layout.
+
+  Args:
+    x: [..., T, H, K] queries or keys.
+    positions: [T] integer positions.
+    base: rotary base frequency.
+  """
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [K/2]
+  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
+  sin = jnp.sin(angle)[:, None, :].astype(x.dtype)                # [T, 1, K/2]
+  cos = jnp.cos(angle)[:, None, :].astype(x.dtype)                # [T, 1, K/2]
+  x1, x2 = x[..., :half], x[..., half:]                           # [..., T, H, K/2]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           bias: Optional[jax.Array] = None,
+           key_valid: Optional[jax.Array] = None) -> jax.Array:
+  """Softmax attention over the last-but-two axis of k/v.
+
+  Args:
+    q: [..., T, H, K] queries (already scaled by 1/sqrt(K)).
+    k, v: [..., S, H, K] keys and values.
+    bias: optional additive bias broadcastable to [..., H, T, S].
+    key_valid: optional bool [..., S]; queries with no valid key output 0.
+
+  Returns:
+    [..., T, H, K] attention output in q's dtype.
+  """
+  logits = jnp.einsum("...thk,...shk->...hts", q, k,
+                      preferred_element_type=jnp.float32)   # [..., H, T, S]
+  if bias is not None:
+    logits = logits + bias
+  if key_valid is not None:
+    logits = jnp.where(key_valid[..., None, None, :], logits, _NEG_INF)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
+  out = jnp.einsum("...hts,...shk->...thk", weights, v)      # [..., T, H, K]
+  if key_valid is not None:
+    any_valid = jnp.any(key_valid, axis=-1)                 # [...]
+    out = out * any_valid[..., None, None, None].astype(out.dtype)
+  return out
+
+
+def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array,
+                  block: int) -> jax.Array:
+  """Causal attention that skips key blocks lying wholly in the future.
+
+  Query block i (of `block` rows) attends to keys [0, (i + 1) * block) only,
+  so about half of the score and value FLOPs of a full T x T product are
+  never computed. Falls back to one block when T is not a multiple of it.
+
+  Args:
+    q, k, v: [B, T, H, K].
+  Returns:
+    [B, T, H, K].
+  """
+  t = q.shape[-3]
+  if t % block or t <= block:
+    block = t
+  diag = jnp.tril(jnp.ones((block, block), dtype=bool))     # [b, b]
+  outs = []
+  for i in range(t // block):
+    lo, hi = i * block, (i + 1) * block
+    mask = jnp.concatenate(
+        [jnp.ones((block, lo), dtype=bool), diag], axis=1)   # [b, hi]
+    bias = jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], bias=bias))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+class RMSNorm(hk.Module):
+  """Root-mean-square layer norm with a learned scale, computed in float32."""
+
+  def __init__(self, eps: float, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], init=jnp.ones)  # [D]
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _dense_init(fan_in: int) -> hk.initializers.Initializer:
+  return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
+
+
+def _param(name, shape, fan_in, dtype):
+  w = hk.get_parameter(name, shape, init=_dense_init(fan_in))
+  return w.astype(dtype)
+
+
+# -- layers -------------------------------------------------------------------
+@dataclasses.dataclass
+class SelfAttention(hk.Module):
+  """Multi-head self-attention with RoPE, causal or bidirectional."""
+
+  num_heads: int
+  head_dim: int
+  causal: bool
+  rope_base: float
+  block: int = 128
+  name: Optional[str] = None
+
+  def __call__(self, x: jax.Array,
+               key_valid: Optional[jax.Array] = None) -> jax.Array:
+    """x: [B, T, D]; key_valid: optional bool [B, T]. Returns [B, T, D]."""
+    d, h, kd = x.shape[-1], self.num_heads, self.head_dim
+    w_qkv = _param("w_qkv", [d, 3, h, kd], d, x.dtype)        # [D, 3, H, K]
+    w_o = _param("w_o", [h, kd, d], h * kd, x.dtype)           # [H, K, D]
+    qkv = jnp.einsum("btd,dchk->cbthk", x, w_qkv)              # [3, B, T, H, K]
+    pos = jnp.arange(x.shape[1])
+    q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)       # [B, T, H, K]
+    k = rope(qkv[1], pos, self.rope_base)                      # [B, T, H, K]
+    v = qkv[2]                                                 # [B, T, H, K]
+    if self.causal:
+      out = causal_attend(q, k, v, self.block)                 # [B, T, H, K]
+    else:
+      out = attend(q, k, v, key_valid=key_valid)               # [B, T, H, K]
+    return jnp.einsum("bthk,hkd->btd", out, w_o)               # [B, T, D]
+
+
+@dataclasses.dataclass
+class ChunkedCrossAttention(hk.Module):
+  """CCA (paper §2.4): chunk u's neighbours inform tokens from u*m + m - 1 on.
+
+  The decoder sequence is shifted left by m - 1 and cut into L chunks; shifted
+  chunk u (positions u*m + m - 1 ... u*m + 2m - 2) attends to all k*r encoded
+  neighbour tokens of chunk u. The output is shifted back, so the first m - 1
+  positions receive nothing and causality holds: the neighbours of chunk u
+  were retrieved with tokens that position u*m + m - 1 has already seen.
+  """
+
+  num_heads: int
+  head_dim: int
+  chunk_size: int
+  rope_base: float
+  name: Optional[str] = None
+
+  def __call__(self, x: jax.Array, encoded: jax.Array,
+               neighbour_valid: jax.Array) -> jax.Array:
+    """Chunked cross-attention.
+
+    Args:
+      x: [B, N, D] normalised decoder activations.
+      encoded: [B, L, k, r, E] encoded neighbours.
+      neighbour_valid: bool [B, L, k, r], False at padding tokens.
+    Returns:
+      [B, N, D] to add to the residual stream.
+    """
+    b, n, d = x.shape
+    m, h, kd = self.chunk_size, self.num_heads, self.head_dim
+    _, l, nk, r, e = encoded.shape
+    w_q = _param("w_q", [d, h, kd], d, x.dtype)               # [D, H, K]
+    w_kv = _param("w_kv", [e, 2, h, kd], e, x.dtype)          # [E, 2, H, K]
+    w_o = _param("w_o", [h, kd, d], h * kd, x.dtype)          # [H, K, D]
+
+    shifted = jnp.pad(x[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))  # [B, N, D]
+    shifted = shifted.reshape(b, l, m, d)                     # [B, L, m, D]
+    q = jnp.einsum("blmd,dhk->blmhk", shifted, w_q)           # [B, L, m, H, K]
+    q = rope(q, jnp.arange(m), self.rope_base) * (kd ** -0.5)
+    mem = encoded.reshape(b, l, nk * r, e)                    # [B, L, kr, E]
+    kv = jnp.einsum("blse,echk->cblshk", mem, w_kv)          # [2, B, L, kr, H, K]
+    key_pos = jnp.tile(jnp.arange(r), nk)                     # [kr]
+    keys = rope(kv[0], key_pos, self.rope_base)               # [B, L, kr, H, K]
+    valid = neighbour_valid.reshape(b, l, nk * r)             # [B, L, kr]
+    out = attend(q, keys, kv[1], key_valid=valid)             # [B, L, m, H, K]
+    out = jnp.einsum("blmhk,hkd->blmd", out, w_o)             # [B, L, m, D]
+    out = out.reshape(b, n, d)[:, :n - m + 1]                 # [B, N-m+1, D]
+    return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))         # [B, N, D]
+
+
+@dataclasses.dataclass
+class NeighbourCrossAttention(hk.Module):
+  """Encoder layer attending from neighbour tokens to their chunk's decoder
+  activations (the conditioning of paper §2.4). No positions: a neighbour is
+  not aligned with the chunk it was retrieved for."""
+
+  num_heads: int
+  head_dim: int
+  name: Optional[str] = None
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    """x: [B, L, k*r, E] neighbour tokens; context: [B, L, m, D] chunk
+    activations. Returns [B, L, k*r, E]."""
+    e, d = x.shape[-1], context.shape[-1]
+    h, kd = self.num_heads, self.head_dim
+    w_q = _param("w_q", [e, h, kd], e, x.dtype)                # [E, H, K]
+    w_kv = _param("w_kv", [d, 2, h, kd], d, x.dtype)           # [D, 2, H, K]
+    w_o = _param("w_o", [h, kd, e], h * kd, x.dtype)           # [H, K, E]
+    q = jnp.einsum("blse,ehk->blshk", x, w_q) * (kd ** -0.5)   # [B, L, kr, H, K]
+    kv = jnp.einsum("blmd,dchk->cblmhk", context, w_kv)       # [2, B, L, m, H, K]
+    out = attend(q, kv[0], kv[1])                              # [B, L, kr, H, K]
+    return jnp.einsum("blshk,hke->blse", out, w_o)             # [B, L, kr, E]

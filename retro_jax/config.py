@@ -1,0 +1,171 @@
+"""Model hyperparameters of RETRO and the paper's size presets.
+
+`RetroConfig` is the typed, frozen description of one network. Experiment
+configs (`configs/*.py`, ml_collections) hold a `model` ConfigDict whose fields
+are exactly these; `RetroConfig.from_dict` turns it into this class and names
+any field it does not know.
+
+Layer numbers in `cca_layers` and `encoder_cross_attention_layers` count from
+1, as the paper does ("CCA in layers 6, 9, 12").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+DTYPES = ("float32", "bfloat16")
+
+
+def paper_cca_layers(num_layers: int) -> Tuple[int, ...]:
+  """CCA layers of the paper's Table 10: from layer 6 (12-layer models) or
+  layer 9 (deeper ones), every third layer up to the last."""
+  first = 6 if num_layers <= 12 else 9
+  return tuple(range(first, num_layers + 1, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetroConfig:
+  """Hyperparameters of one RETRO network (decoder + neighbour encoder)."""
+
+  vocab_size: int = 128_000          # SentencePiece vocabulary (paper: 128k).
+  d_model: int = 896                 # Decoder width.
+  num_layers: int = 12               # Decoder layers.
+  num_heads: int = 16                # Decoder attention heads.
+  head_dim: int = 64                 # Width of one head.
+  d_ff: int = 3584                   # Decoder feed-forward width (4 * d_model).
+  cca_layers: Tuple[int, ...] = (6, 9, 12)  # 1-indexed decoder layers with CCA.
+  chunk_size: int = 64               # m: tokens per retrieval chunk.
+  num_neighbours: int = 2            # k: neighbours per chunk.
+  neighbour_len: int = 128           # r: neighbour chunk + its continuation.
+  enc_d_model: int = 896             # Neighbour encoder width.
+  enc_num_layers: int = 2            # Neighbour encoder layers.
+  enc_num_heads: int = 14            # Encoder heads (14 x 64 = 896).
+  enc_head_dim: int = 64             # Encoder head width.
+  enc_d_ff: int = 3584               # Encoder feed-forward width.
+  # 1-indexed encoder layers that cross-attend to the decoder activations of
+  # their chunk; the paper conditions the first layer only.
+  enc_cross_attention_layers: Tuple[int, ...] = (1,)
+  share_embeddings: bool = True      # Encoder reuses the decoder's embedding.
+  tie_output: bool = False           # Logits use the transposed embedding.
+  rope_base: float = 10_000.0        # Rotary embedding base frequency.
+  norm_eps: float = 1e-6             # RMSNorm epsilon.
+  compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16.
+  param_dtype: str = "float32"       # Stored parameters (keep float32).
+  remat: str = "none"                # none | full | dots: hk.remat per layer.
+  attention_block: int = 128         # Query block of causal self-attention;
+                                     # fully masked key blocks are skipped.
+
+  def __post_init__(self):
+    self.validate()
+
+  # -- validation -----------------------------------------------------------
+  def validate(self) -> None:
+    """Raises ValueError naming the first inconsistent field."""
+    def need(cond, field, msg):
+      if not cond:
+        raise ValueError(f"RetroConfig.{field}: {msg} "
+                         f"(got {getattr(self, field)!r})")
+
+    for f in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim",
+              "d_ff", "chunk_size", "num_neighbours", "neighbour_len",
+              "enc_d_model", "enc_num_layers", "enc_num_heads",
+              "enc_head_dim", "enc_d_ff", "attention_block"):
+      need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,
+           "must be a positive integer")
+    need(all(1 <= l <= self.num_layers for l in self.cca_layers), "cca_layers",
+         f"layers are 1-indexed and must lie in [1, {self.num_layers}]")
+    need(len(set(self.cca_layers)) == len(self.cca_layers), "cca_layers",
+         "must not repeat a layer")
+    need(all(1 <= l <= self.enc_num_layers
+             for l in self.enc_cross_attention_layers),
+         "enc_cross_attention_layers",
+         f"layers are 1-indexed and must lie in [1, {self.enc_num_layers}]")
+    need(self.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
+    need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
+    need(self.remat in ("none", "full", "dots"), "remat",
+         "one of none, full, dots")
+    need(self.head_dim % 2 == 0, "head_dim", "rotary needs an even head_dim")
+    need(self.enc_head_dim % 2 == 0, "enc_head_dim",
+         "rotary needs an even head_dim")
+
+  # -- construction ---------------------------------------------------------
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "RetroConfig":
+    """A named preset (see `PRESETS`), with optional field overrides."""
+    key = str(name).lower()
+    if key not in PRESETS:
+      raise ValueError(f"unknown RETRO preset {name!r}; known presets: "
+                       f"{', '.join(PRESETS)}")
+    return cls.from_dict({**PRESETS[key], **overrides})
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "RetroConfig":
+    """Builds a config from a mapping (e.g. an ml_collections ConfigDict)."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown RetroConfig field(s) {unknown}; known fields: "
+                       f"{sorted(known)}")
+    for f in ("cca_layers", "enc_cross_attention_layers"):
+      if f in values:
+        values[f] = tuple(int(v) for v in values[f])
+    return cls(**values)
+
+  def replace(self, **changes: Any) -> "RetroConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  # -- derived --------------------------------------------------------------
+  @property
+  def cca_layer_indices(self) -> Tuple[int, ...]:
+    """0-indexed decoder layers that hold chunked cross-attention."""
+    return tuple(sorted(l - 1 for l in self.cca_layers))
+
+  @property
+  def has_retrieval(self) -> bool:
+    return bool(self.cca_layers)
+
+
+def _paper(d_model: int, num_layers: int, num_heads: int,
+           head_dim: int) -> dict:
+  return dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+              head_dim=head_dim, d_ff=4 * d_model,
+              cca_layers=paper_cca_layers(num_layers))
+
+
+# The paper's Table 2 sizes plus two small ones. Encoder: 2 layers of width
+# 896 for every paper size (App. B), vocabulary 128k SentencePiece.
+PRESETS: dict = {
+    # Small enough for fast CPU tests, with the paper's m=64, k=2, r=128.
+    "tiny": dict(vocab_size=512, d_model=64, num_layers=4, num_heads=4,
+                 head_dim=16, d_ff=256, cca_layers=(2, 4), enc_d_model=64,
+                 enc_num_layers=2, enc_num_heads=4, enc_head_dim=16,
+                 enc_d_ff=256, attention_block=64),
+    # The shared benchmark configuration (see shared/peer/README.md).
+    "bench": dict(vocab_size=8192, d_model=512, num_layers=6, num_heads=8,
+                  head_dim=64, d_ff=2048, cca_layers=(3, 6), enc_d_model=512,
+                  enc_num_layers=2, enc_num_heads=8, enc_head_dim=64,
+                  enc_d_ff=2048),
+    "172m": _paper(896, 12, 16, 64),
+    "425m": _paper(1536, 12, 12, 128),
+    "1.5b": _paper(2048, 24, 16, 128),
+    "7.5b": _paper(4096, 32, 32, 128),
+}
+
+# Table 2 of the paper, millions of parameters without embeddings:
+# (baseline, RETRO).
+PAPER_TABLE2_M = {
+    "172m": (132, 172),
+    "425m": (368, 425),
+    "1.5b": (1309, 1451),
+    "7.5b": (6982, 7532),
+}
+
+
+def dtype_of(name: Optional[str]):
+  import jax.numpy as jnp  # Local: keep this module importable without jax.
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

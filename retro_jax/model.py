@@ -1,0 +1,254 @@
+"""The RETRO network: a decoder LM with chunked cross-attention to neighbours.
+
+Shape glossary:
+  B: batch.            N: sequence length, a multiple of m.
+  m: chunk size.       L: chunks per sequence, N // m.
+  k: neighbours.       r: tokens per neighbour (chunk + continuation).
+  D: decoder width.    E: encoder width.      V: vocabulary.
+
+Data flow (paper §2, App. B), pre-norm RMSNorm everywhere:
+
+  tokens [B, N] ─ embed ─► decoder layer 1 … n_layers ─ norm ─ logits [B, N, V]
+  each layer: x += SelfAttn(norm x); [CCA layer: x += CCA(norm x, enc)];
+              x += MLP(norm x)
+  at the first CCA layer the encoder runs once on the neighbours [B, L, k, r],
+  conditioned on that layer's post-attention activations of each chunk.
+
+Padding (token id 0) in `neighbours` is masked everywhere; a chunk whose
+neighbours are all padding receives exactly zero from every CCA layer, so the
+logits equal those of the same parameters with retrieval switched off
+(`neighbours=None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retro_jax import attention
+from retro_jax import sharding
+from retro_jax.config import RetroConfig, dtype_of
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass
+class MLP(hk.Module):
+  """Feed-forward block: D -> F (GELU) -> D, no biases."""
+
+  d_ff: int
+  name: Optional[str] = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    w_in = attention._param("w_in", [d, self.d_ff], d, x.dtype)     # [D, F]
+    w_out = attention._param("w_out", [self.d_ff, d], self.d_ff, x.dtype)
+    h = jax.nn.gelu(x @ w_in)                                        # [..., F]
+    return h @ w_out                                                 # [..., D]
+
+
+class NeighbourEncoder(hk.Module):
+  """Bidirectional encoder of retrieved neighbours (paper §2.4).
+
+  Each neighbour's r tokens attend to each other; the layers listed in
+  `enc_cross_attention_layers` also attend to the decoder activations of the
+  chunk the neighbour was retrieved for.
+  """
+
+  def __init__(self, cfg: RetroConfig, name: Optional[str] = "encoder"):
+    super().__init__(name=name)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, valid: jax.Array,
+               context: jax.Array) -> jax.Array:
+    """Encodes neighbours.
+
+    Args:
+      x: [B, L, k, r, E] embedded neighbour tokens.
+      valid: bool [B, L, k, r], False at padding.
+      context: [B, N, D] decoder activations at the first CCA layer.
+    Returns:
+      [B, L, k, r, E] encoded neighbours.
+    """
+    c = self.cfg
+    b, l, nk, r, e = x.shape
+    ctx = context.reshape(b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
+    x = x.reshape(b * l * nk, r, e)                               # [BLk, r, E]
+    flat_valid = valid.reshape(b * l * nk, r)                     # [BLk, r]
+    for i in range(c.enc_num_layers):
+      with hk.experimental.name_scope(f"layer_{i:02d}"):
+        x = x + attention.SelfAttention(
+            c.enc_num_heads, c.enc_head_dim, causal=False,
+            rope_base=c.rope_base, name="self_attention")(
+                attention.RMSNorm(c.norm_eps, name="attn_norm")(x),
+                key_valid=flat_valid)                             # [BLk, r, E]
+        if i + 1 in c.enc_cross_attention_layers:
+          q = attention.RMSNorm(c.norm_eps, name="cross_norm")(x)
+          kv = attention.RMSNorm(c.norm_eps, name="context_norm")(ctx)
+          y = attention.NeighbourCrossAttention(
+              c.enc_num_heads, c.enc_head_dim, name="cross_attention")(
+                  q.reshape(b, l, nk * r, e), kv)                 # [B, L, kr, E]
+          x = x + y.reshape(b * l * nk, r, e)
+        x = x + MLP(c.enc_d_ff, name="mlp")(
+            attention.RMSNorm(c.norm_eps, name="mlp_norm")(x))    # [BLk, r, E]
+    x = attention.RMSNorm(c.norm_eps, name="final_norm")(x)
+    return x.reshape(b, l, nk, r, e)                              # [B, L, k, r, E]
+
+
+class _Carry(NamedTuple):
+  x: jax.Array                   # [B, N, D] residual stream.
+  encoded: Optional[jax.Array]   # [B, L, k, r, E] once the encoder has run.
+
+
+def _forward(cfg: RetroConfig, tokens: jax.Array,
+             neighbours: Optional[jax.Array]) -> jax.Array:
+  """Logits [B, N, V] (float32) of tokens [B, N] given neighbours [B, L, k, r]."""
+  dtype = dtype_of(cfg.compute_dtype)
+  embed = hk.Embed(cfg.vocab_size, cfg.d_model, name="embed",
+                   w_init=hk.initializers.TruncatedNormal(1.0))
+  table = embed.embeddings.astype(dtype)                          # [V, D]
+  x = sharding.constrain(table[tokens], ("batch", "length", "embed"))
+
+  retrieve = neighbours is not None and cfg.has_retrieval
+  if retrieve:
+    valid = neighbours != PAD_ID                                  # [B, L, k, r]
+    if cfg.share_embeddings:
+      nb = table[neighbours]                                      # [B, L, k, r, D]
+      if cfg.enc_d_model != cfg.d_model:
+        with hk.experimental.name_scope("enc_embed_proj"):
+          w = attention._param("w", [cfg.d_model, cfg.enc_d_model],
+                               cfg.d_model, dtype)                # [D, E]
+        nb = nb @ w                                               # [B, L, k, r, E]
+    else:
+      nb = hk.Embed(cfg.vocab_size, cfg.enc_d_model, name="enc_embed",
+                    w_init=hk.initializers.TruncatedNormal(1.0)
+                    )(neighbours).astype(dtype)                   # [B, L, k, r, E]
+
+  def layer(i: int, carry: _Carry) -> _Carry:
+    x, encoded = carry
+    with hk.experimental.name_scope(f"decoder/layer_{i:02d}"):
+      h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
+      x = x + attention.SelfAttention(
+          cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
+          block=cfg.attention_block, name="self_attention")(h)    # [B, N, D]
+      if retrieve and i in cfg.cca_layer_indices:
+        if encoded is None:
+          encoded = NeighbourEncoder(cfg)(nb, valid, x)           # [B, L, k, r, E]
+        h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
+        x = x + attention.ChunkedCrossAttention(
+            cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
+            name="cca")(h, encoded, valid)                        # [B, N, D]
+      x = x + MLP(cfg.d_ff, name="mlp")(
+          attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))    # [B, N, D]
+      x = sharding.constrain(x, ("batch", "length", "embed"))
+    return _Carry(x, encoded)
+
+  carry = _Carry(x, None)
+  for i in range(cfg.num_layers):
+    fn = lambda c, i=i: layer(i, c)
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if cfg.remat == "dots" else None)
+      fn = hk.remat(fn, policy=policy)
+    carry = fn(carry)
+
+  x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(carry.x)  # [B, N, D]
+  if cfg.tie_output:
+    logits = x @ table.T                                           # [B, N, V]
+  else:
+    with hk.experimental.name_scope("output"):
+      w = attention._param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
+                           dtype)                                  # [D, V]
+    logits = x @ w                                                 # [B, N, V]
+  return logits.astype(jnp.float32)
+
+
+def check_inputs(cfg: RetroConfig, tokens, neighbours) -> None:
+  """Raises ValueError if tokens/neighbours do not fit the config."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape "
+                     f"{tuple(tokens.shape)}")
+  b, n = tokens.shape
+  m = cfg.chunk_size
+  if n == 0 or n % m:
+    raise ValueError(f"sequence length {n} is not a positive multiple of the "
+                     f"chunk size {m} (tokens shape {tuple(tokens.shape)})")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+  if neighbours is None:
+    return
+  want = f"[batch={b}, chunks={n // m}, k, r]"
+  if neighbours.ndim != 4:
+    raise ValueError(f"neighbours must be {want}, got shape "
+                     f"{tuple(neighbours.shape)}")
+  if neighbours.shape[:2] != (b, n // m):
+    raise ValueError(f"neighbours must be {want} for tokens of shape "
+                     f"{tuple(tokens.shape)}, got {tuple(neighbours.shape)}")
+  if not jnp.issubdtype(neighbours.dtype, jnp.integer):
+    raise ValueError(f"neighbours must be integers, got {neighbours.dtype}")
+
+
+class Retro:
+  """RETRO as a pair of pure functions (Haiku-transformed, no apply rng).
+
+  `init(rng, tokens, neighbours)` returns params; `apply(params, tokens,
+  neighbours)` returns float32 logits [B, N, V]. `neighbours=None` runs the
+  decoder without retrieval (every CCA layer and the encoder skipped).
+  """
+
+  def __init__(self, config: RetroConfig):
+    self.config = config
+    self._fn = hk.without_apply_rng(
+        hk.transform(lambda t, nb: _forward(config, t, nb)))
+
+  def init(self, rng: jax.Array, tokens: jax.Array,
+           neighbours: Optional[jax.Array] = None) -> hk.Params:
+    check_inputs(self.config, tokens, neighbours)
+    if neighbours is None and self.config.has_retrieval:
+      b, n = tokens.shape
+      c = self.config
+      neighbours = jnp.zeros((b, n // c.chunk_size, c.num_neighbours,
+                              c.neighbour_len), jnp.int32)
+    return self._fn.init(rng, tokens, neighbours)
+
+  def apply(self, params: hk.Params, tokens: jax.Array,
+            neighbours: Optional[jax.Array] = None) -> jax.Array:
+    check_inputs(self.config, tokens, neighbours)
+    return self._fn.apply(params, tokens, neighbours)
+
+  def dummy_inputs(self, batch: int = 1, length: Optional[int] = None):
+    """Zero tokens and neighbours of the right shapes, e.g. for `init`."""
+    c = self.config
+    n = length or c.chunk_size
+    tokens = jnp.zeros((batch, n), jnp.int32)
+    neighbours = jnp.zeros((batch, n // c.chunk_size, c.num_neighbours,
+                            c.neighbour_len), jnp.int32)
+    return tokens, neighbours
+
+
+EMBEDDING_PARAMS = ("embed", "enc_embed", "output")
+
+
+def count_params(params_or_config, exclude_embeddings: bool = False) -> int:
+  """Number of parameters of a params tree or of a config (via eval_shape).
+
+  With `exclude_embeddings`, the token embedding tables and the output
+  (unembedding) matrix are left out, as in the paper's Table 2.
+  """
+  if isinstance(params_or_config, RetroConfig):
+    model = Retro(params_or_config)
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            *model.dummy_inputs())
+  else:
+    params = params_or_config
+  total = 0
+  for mod, name, leaf in hk.data_structures.traverse(params):
+    if exclude_embeddings and mod.split("/")[-1] in EMBEDDING_PARAMS:
+      continue
+    total += int(np.prod(leaf.shape))
+  return total

@@ -1,0 +1,204 @@
+r"""Times the RETRO training step on random tokens and neighbours.
+
+  python scripts/benchmark.py --config=configs/bench.py [--threads=1]
+      [--peer=../shared/peer --rounds=2]
+
+Prints per-step times to stderr and one JSON line last on stdout: params,
+tokens_per_step, step_s_median, tokens_per_s, model_flops_per_step, mfu
+(against a float32 matmul peak measured in this run), threads. With --peer,
+the public PyTorch RETRO in that folder (its own environment, installed by its
+setup.sh) is timed in the same run, alternating with ours, and the JSON adds
+its figures and the speed ratio.
+"""
+
+import os
+import sys
+
+
+def _pin_threads_before_jax():
+  """XLA sizes its thread pool when jax is imported, before flags are parsed,
+  so --threads is read from argv here. One thread = this process pinned to
+  one core (XLA's thread flags alone still use a second core)."""
+  threads = 0
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--threads="):
+      threads = int(arg.split("=", 1)[1])
+    elif arg == "--threads" and i + 1 < len(sys.argv):
+      threads = int(sys.argv[i + 1])
+  if threads > 0:
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    if threads == 1:
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 " --xla_cpu_multi_thread_eigen=false"
+                                 " intra_op_parallelism_threads=1")
+  return threads
+
+
+_THREADS = _pin_threads_before_jax()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import statistics
+import subprocess
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import retro_jax
+from retro_jax import flops
+from retro_jax import sharding
+from retro_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
+                                          "Benchmark config file.")
+flags.DEFINE_integer("threads", 0, "Cores to use (0 = all); 1 pins the "
+                     "process to one core.")
+_PEER = flags.DEFINE_string("peer", "", "Folder of the PyTorch peer "
+                            "(setup.sh, bench_retro_pytorch.py) to time in the "
+                            "same run; empty = skip.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternations of ours and the "
+                               "peer's timing (ours only: repeats).")
+
+
+def log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Best float32 GFLOP/s of an n^3 jitted matmul on this process's cores."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n), np.float32))
+  b = jnp.asarray(rng.standard_normal((n, n), np.float32))
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e9
+
+
+def random_batch(cfg: retro_jax.RetroConfig, batch: int, seq_len: int,
+                 seed: int):
+  """Token ids from 1..V-1 (0 is padding), as the peer draws them."""
+  rng = np.random.default_rng(seed)
+  l = seq_len // cfg.chunk_size
+  return {
+      "tokens": rng.integers(1, cfg.vocab_size, (batch, seq_len), np.int32),
+      "neighbours": rng.integers(
+          1, cfg.vocab_size,
+          (batch, l, cfg.num_neighbours, cfg.neighbour_len), np.int32),
+  }
+
+
+class OurStep:
+  """Our jitted, donated train step, compiled once and timed in rounds."""
+
+  def __init__(self, config):
+    self.cfg = retro_jax.RetroConfig.from_dict(config.model)
+    tc = config.train
+    self.model = retro_jax.Retro(self.cfg)
+    self.optimizer = train.make_optimizer(
+        tc.learning_rate, tc.warmup_steps, tc.total_steps,
+        weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
+    self.mesh = sharding.make_mesh(dict(config.mesh))
+    host = random_batch(self.cfg, tc.batch_size, tc.seq_len, tc.seed)
+    self.batch = sharding.global_batch(host, self.mesh)
+    _, state_sh, _ = train.state_shardings(self.model, self.optimizer,
+                                           self.mesh, self.batch)
+    self.state = train.init_sharded_state(
+        self.model, self.optimizer, self.mesh, state_sh,
+        jax.random.key(tc.seed), self.batch)
+    self.step = train.jit_train_step(self.model, self.optimizer, self.mesh,
+                                     state_sh, self.batch)
+    self.params = retro_jax.count_params(self.state.params)
+    self.tokens_per_step = tc.batch_size * tc.seq_len
+    self.flops = flops.train_flops(self.cfg, tc.batch_size, tc.seq_len)
+    self.losses = []
+
+  def run(self, steps: int):
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch)
+      loss = float(metrics["loss"])   # Blocks until the step is done.
+      times.append(time.perf_counter() - t0)
+      self.losses.append(loss)
+      log(f"[retro_jax] step {len(self.losses)}: {times[-1]:.3f} s "
+          f"loss {loss:.4f}")
+    return times
+
+
+def run_peer(folder: str, threads: int, steps: int) -> dict:
+  """Times the peer in its own environment; returns its JSON line."""
+  setup = subprocess.run(["bash", os.path.join(folder, "setup.sh")],
+                         check=True, capture_output=True, text=True)
+  python = setup.stdout.strip().splitlines()[-1]
+  cmd = [python, os.path.join(folder, "bench_retro_pytorch.py"),
+         "--steps", str(steps)]
+  if threads:
+    cmd += ["--threads", str(threads)]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items()
+                            if k != "XLA_FLAGS"})
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  log(f"[retro_jax] jax {jax.__version__}, devices {jax.devices()}, "
+      f"cores {sorted(os.sched_getaffinity(0))}")
+  ours = OurStep(config)
+  t0 = time.perf_counter()
+  ours.run(config.bench.warmup)
+  log(f"[retro_jax] compile + warmup {time.perf_counter() - t0:.1f} s")
+  peak = matmul_peak_gflops()
+  log(f"[retro_jax] float32 matmul peak {peak:.1f} GFLOP/s")
+
+  our_times, peer_runs = [], []
+  for _ in range(_ROUNDS.value):
+    our_times += ours.run(config.bench.steps)
+    if _PEER.value:
+      peer_runs.append(run_peer(_PEER.value, _THREADS, config.bench.steps))
+      log(f"[peer] step_s_median {peer_runs[-1]['step_s_median']:.3f}")
+
+  median = statistics.median(our_times)
+  model_flops = ours.flops["total"]
+  result = {
+      "impl": "retro_jax",
+      "params": ours.params,
+      "tokens_per_step": ours.tokens_per_step,
+      "step_s_median": round(median, 4),
+      "step_s_min": round(min(our_times), 4),
+      "tokens_per_s": round(ours.tokens_per_step / median, 2),
+      "model_flops_per_step": model_flops,
+      "achieved_gflops": round(model_flops / median / 1e9, 2),
+      "matmul_peak_gflops": round(peak, 2),
+      "mfu": round(model_flops / median / 1e9 / peak, 4),
+      "threads": _THREADS or len(os.sched_getaffinity(0)),
+      "losses": [round(x, 4) for x in ours.losses],
+  }
+  if peer_runs:
+    peer_median = statistics.median(
+        t for run in peer_runs for t in run["step_s_all"])
+    result.update({
+        "peer": peer_runs[-1]["impl"],
+        "peer_params": peer_runs[-1]["params"],
+        "peer_step_s_median": round(peer_median, 4),
+        "peer_tokens_per_s": round(ours.tokens_per_step / peer_median, 2),
+        "peer_flops_per_step": peer_runs[-1]["train_flops_per_step"],
+        "speedup_vs_peer": round(peer_median / median, 3),
+    })
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
