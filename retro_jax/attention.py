@@ -128,6 +128,19 @@ def _param(name, shape, fan_in, dtype):
   return w.astype(dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
+  """x [..., *w.shape[:in_dims]] @ w -> [..., *w.shape[in_dims:]].
+
+  Computed as one 2-D matmul over the flattened leading dimensions: with a
+  single contracting dimension the backward pass needs no transposed copies
+  of the large activations (on CPU, XLA otherwise materialises them).
+  """
+  lead = x.shape[:x.ndim - in_dims]
+  k = math.prod(w.shape[:in_dims])
+  y = x.reshape(-1, k) @ w.reshape(k, -1)
+  return y.reshape(*lead, *w.shape[in_dims:])
+
+
 # -- layers -------------------------------------------------------------------
 @dataclasses.dataclass
 class SelfAttention(hk.Module):
@@ -146,16 +159,16 @@ class SelfAttention(hk.Module):
     d, h, kd = x.shape[-1], self.num_heads, self.head_dim
     w_qkv = _param("w_qkv", [d, 3, h, kd], d, x.dtype)        # [D, 3, H, K]
     w_o = _param("w_o", [h, kd, d], h * kd, x.dtype)           # [H, K, D]
-    qkv = jnp.einsum("btd,dchk->cbthk", x, w_qkv)              # [3, B, T, H, K]
+    qkv = dense(x, w_qkv)                                      # [B, T, 3, H, K]
     pos = jnp.arange(x.shape[1])
-    q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)       # [B, T, H, K]
-    k = rope(qkv[1], pos, self.rope_base)                      # [B, T, H, K]
-    v = qkv[2]                                                 # [B, T, H, K]
+    q = rope(qkv[..., 0, :, :], pos, self.rope_base) * (kd ** -0.5)
+    k = rope(qkv[..., 1, :, :], pos, self.rope_base)           # [B, T, H, K]
+    v = qkv[..., 2, :, :]                                               # [B, T, H, K]
     if self.causal:
       out = causal_attend(q, k, v, self.block)                 # [B, T, H, K]
     else:
       out = attend(q, k, v, key_valid=key_valid)               # [B, T, H, K]
-    return jnp.einsum("bthk,hkd->btd", out, w_o)               # [B, T, D]
+    return dense(out, w_o, 2)                                  # [B, T, D]
 
 
 @dataclasses.dataclass
@@ -195,15 +208,15 @@ class ChunkedCrossAttention(hk.Module):
 
     shifted = jnp.pad(x[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))  # [B, N, D]
     shifted = shifted.reshape(b, l, m, d)                     # [B, L, m, D]
-    q = jnp.einsum("blmd,dhk->blmhk", shifted, w_q)           # [B, L, m, H, K]
+    q = dense(shifted, w_q)                                   # [B, L, m, H, K]
     q = rope(q, jnp.arange(m), self.rope_base) * (kd ** -0.5)
     mem = encoded.reshape(b, l, nk * r, e)                    # [B, L, kr, E]
-    kv = jnp.einsum("blse,echk->cblshk", mem, w_kv)          # [2, B, L, kr, H, K]
+    kv = dense(mem, w_kv)                                     # [B, L, kr, 2, H, K]
     key_pos = jnp.tile(jnp.arange(r), nk)                     # [kr]
-    keys = rope(kv[0], key_pos, self.rope_base)               # [B, L, kr, H, K]
+    keys = rope(kv[..., 0, :, :], key_pos, self.rope_base)    # [B, L, kr, H, K]
     valid = neighbour_valid.reshape(b, l, nk * r)             # [B, L, kr]
-    out = attend(q, keys, kv[1], key_valid=valid)             # [B, L, m, H, K]
-    out = jnp.einsum("blmhk,hkd->blmd", out, w_o)             # [B, L, m, D]
+    out = attend(q, keys, kv[..., 1, :, :], key_valid=valid)  # [B, L, m, H, K]
+    out = dense(out, w_o, 2)                                  # [B, L, m, D]
     out = out.reshape(b, n, d)[:, :n - m + 1]                 # [B, N-m+1, D]
     return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))         # [B, N, D]
 
@@ -226,7 +239,7 @@ class NeighbourCrossAttention(hk.Module):
     w_q = _param("w_q", [e, h, kd], e, x.dtype)                # [E, H, K]
     w_kv = _param("w_kv", [d, 2, h, kd], d, x.dtype)           # [D, 2, H, K]
     w_o = _param("w_o", [h, kd, e], h * kd, x.dtype)           # [H, K, E]
-    q = jnp.einsum("blse,ehk->blshk", x, w_q) * (kd ** -0.5)   # [B, L, kr, H, K]
-    kv = jnp.einsum("blmd,dchk->cblmhk", context, w_kv)       # [2, B, L, m, H, K]
-    out = attend(q, kv[0], kv[1])                              # [B, L, kr, H, K]
-    return jnp.einsum("blshk,hke->blse", out, w_o)             # [B, L, kr, E]
+    q = dense(x, w_q) * (kd ** -0.5)                           # [B, L, kr, H, K]
+    kv = dense(context, w_kv)                                  # [B, L, m, 2, H, K]
+    out = attend(q, kv[..., 0, :, :], kv[..., 1, :, :])        # [B, L, kr, H, K]
+    return dense(out, w_o, 2)                                  # [B, L, kr, E]

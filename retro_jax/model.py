@@ -46,10 +46,10 @@ class MLP(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    w_in = attention._param("w_in", [d, self.d_ff], d, x.dtype)     # [D, F]
+    w_in = attention._param("w_in", [d, self.d_ff], d, x.dtype)  # [D, F]
     w_out = attention._param("w_out", [self.d_ff, d], self.d_ff, x.dtype)
-    h = jax.nn.gelu(x @ w_in)                                        # [..., F]
-    return h @ w_out                                                 # [..., D]
+    h = jax.nn.gelu(attention.dense(x, w_in))  # [..., F]
+    return attention.dense(h, w_out)  # [..., D]
 
 
 class NeighbourEncoder(hk.Module):
@@ -78,31 +78,31 @@ class NeighbourEncoder(hk.Module):
     c = self.cfg
     b, l, nk, r, e = x.shape
     ctx = context.reshape(b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
-    x = x.reshape(b * l * nk, r, e)                               # [BLk, r, E]
-    flat_valid = valid.reshape(b * l * nk, r)                     # [BLk, r]
+    x = x.reshape(b * l * nk, r, e)  # [BLk, r, E]
+    flat_valid = valid.reshape(b * l * nk, r)  # [BLk, r]
     for i in range(c.enc_num_layers):
       with hk.experimental.name_scope(f"layer_{i:02d}"):
         x = x + attention.SelfAttention(
             c.enc_num_heads, c.enc_head_dim, causal=False,
             rope_base=c.rope_base, name="self_attention")(
                 attention.RMSNorm(c.norm_eps, name="attn_norm")(x),
-                key_valid=flat_valid)                             # [BLk, r, E]
+                key_valid=flat_valid)  # [BLk, r, E]
         if i + 1 in c.enc_cross_attention_layers:
           q = attention.RMSNorm(c.norm_eps, name="cross_norm")(x)
           kv = attention.RMSNorm(c.norm_eps, name="context_norm")(ctx)
           y = attention.NeighbourCrossAttention(
               c.enc_num_heads, c.enc_head_dim, name="cross_attention")(
-                  q.reshape(b, l, nk * r, e), kv)                 # [B, L, kr, E]
+                  q.reshape(b, l, nk * r, e), kv)  # [B, L, kr, E]
           x = x + y.reshape(b * l * nk, r, e)
         x = x + MLP(c.enc_d_ff, name="mlp")(
-            attention.RMSNorm(c.norm_eps, name="mlp_norm")(x))    # [BLk, r, E]
+            attention.RMSNorm(c.norm_eps, name="mlp_norm")(x))  # [BLk, r, E]
     x = attention.RMSNorm(c.norm_eps, name="final_norm")(x)
-    return x.reshape(b, l, nk, r, e)                              # [B, L, k, r, E]
+    return x.reshape(b, l, nk, r, e)  # [B, L, k, r, E]
 
 
 class _Carry(NamedTuple):
-  x: jax.Array                   # [B, N, D] residual stream.
-  encoded: Optional[jax.Array]   # [B, L, k, r, E] once the encoder has run.
+  x: jax.Array  # [B, N, D] residual stream.
+  encoded: Optional[jax.Array]  # [B, L, k, r, E] once the encoder has run.
 
 
 def _forward(cfg: RetroConfig, tokens: jax.Array,
@@ -111,23 +111,23 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
   dtype = dtype_of(cfg.compute_dtype)
   embed = hk.Embed(cfg.vocab_size, cfg.d_model, name="embed",
                    w_init=hk.initializers.TruncatedNormal(1.0))
-  table = embed.embeddings.astype(dtype)                          # [V, D]
+  table = embed.embeddings.astype(dtype)  # [V, D]
   x = sharding.constrain(table[tokens], ("batch", "length", "embed"))
 
   retrieve = neighbours is not None and cfg.has_retrieval
   if retrieve:
-    valid = neighbours != PAD_ID                                  # [B, L, k, r]
+    valid = neighbours != PAD_ID  # [B, L, k, r]
     if cfg.share_embeddings:
-      nb = table[neighbours]                                      # [B, L, k, r, D]
+      nb = table[neighbours]  # [B, L, k, r, D]
       if cfg.enc_d_model != cfg.d_model:
         with hk.experimental.name_scope("enc_embed_proj"):
           w = attention._param("w", [cfg.d_model, cfg.enc_d_model],
-                               cfg.d_model, dtype)                # [D, E]
-        nb = nb @ w                                               # [B, L, k, r, E]
+                               cfg.d_model, dtype)  # [D, E]
+        nb = attention.dense(nb, w)  # [B, L, k, r, E]
     else:
       nb = hk.Embed(cfg.vocab_size, cfg.enc_d_model, name="enc_embed",
                     w_init=hk.initializers.TruncatedNormal(1.0)
-                    )(neighbours).astype(dtype)                   # [B, L, k, r, E]
+                    )(neighbours).astype(dtype)  # [B, L, k, r, E]
 
   def layer(i: int, carry: _Carry) -> _Carry:
     x, encoded = carry
@@ -135,16 +135,16 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
       h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
       x = x + attention.SelfAttention(
           cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
-          block=cfg.attention_block, name="self_attention")(h)    # [B, N, D]
+          block=cfg.attention_block, name="self_attention")(h)  # [B, N, D]
       if retrieve and i in cfg.cca_layer_indices:
         if encoded is None:
-          encoded = NeighbourEncoder(cfg)(nb, valid, x)           # [B, L, k, r, E]
+          encoded = NeighbourEncoder(cfg)(nb, valid, x)  # [B, L, k, r, E]
         h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
         x = x + attention.ChunkedCrossAttention(
             cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-            name="cca")(h, encoded, valid)                        # [B, N, D]
+            name="cca")(h, encoded, valid)  # [B, N, D]
       x = x + MLP(cfg.d_ff, name="mlp")(
-          attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))    # [B, N, D]
+          attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))  # [B, N, D]
       x = sharding.constrain(x, ("batch", "length", "embed"))
     return _Carry(x, encoded)
 
@@ -159,12 +159,12 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
 
   x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(carry.x)  # [B, N, D]
   if cfg.tie_output:
-    logits = x @ table.T                                           # [B, N, V]
+    logits = attention.dense(x, table.T)  # [B, N, V]
   else:
     with hk.experimental.name_scope("output"):
       w = attention._param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
-                           dtype)                                  # [D, V]
-    logits = x @ w                                                 # [B, N, V]
+                           dtype)  # [D, V]
+    logits = attention.dense(x, w)  # [B, N, V]
   return logits.astype(jnp.float32)
 
 

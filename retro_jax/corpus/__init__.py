@@ -1,0 +1,1 @@
+"""Corpus readers and vocabularies (knows nothing of retrieval or models)."""
