@@ -97,7 +97,7 @@ def train_step(model: Retro, optimizer: optax.GradientTransformation,
   (_, metrics), grads = grad_fn(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
