@@ -53,6 +53,8 @@ class RetroConfig:
   compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16.
   param_dtype: str = "float32"       # Stored parameters (keep float32).
   remat: str = "none"                # none | full | dots: hk.remat per layer.
+  scan_layers: bool = False          # Scan runs of plain (non-CCA) decoder
+                                     # layers: faster compiles of deep models.
   attention_block: int = 128         # Query block of causal self-attention;
                                      # fully masked key blocks are skipped.
 

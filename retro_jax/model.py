@@ -23,7 +23,7 @@ logits equal those of the same parameters with retrieval switched off
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import List, Optional, Tuple
 
 import haiku as hk
 import jax
@@ -100,9 +100,37 @@ class NeighbourEncoder(hk.Module):
     return x.reshape(b, l, nk, r, e)  # [B, L, k, r, E]
 
 
-class _Carry(NamedTuple):
-  x: jax.Array  # [B, N, D] residual stream.
-  encoded: Optional[jax.Array]  # [B, L, k, r, E] once the encoder has run.
+def decoder_runs(cfg: RetroConfig) -> List[Tuple[int, int, bool]]:
+  """Groups decoder layers into (first, count, has_cca) runs.
+
+  Every CCA layer is its own run; the plain layers between them form one run
+  each, which `scan_layers` turns into one `hk.layer_stack` (a scan: one
+  layer body to compile however deep the run).
+  """
+  runs, i = [], 0
+  cca = set(cfg.cca_layer_indices)
+  while i < cfg.num_layers:
+    if i in cca:
+      runs.append((i, 1, True))
+      i += 1
+      continue
+    j = i
+    while j < cfg.num_layers and j not in cca:
+      j += 1
+    if cfg.scan_layers:
+      runs.append((i, j - i, False))
+    else:
+      runs.extend((k, 1, False) for k in range(i, j))
+    i = j
+  return runs
+
+
+def _remat(cfg: RetroConfig, fn):
+  if cfg.remat == "none":
+    return fn
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            if cfg.remat == "dots" else None)
+  return hk.remat(fn, policy=policy)
 
 
 def _forward(cfg: RetroConfig, tokens: jax.Array,
@@ -129,35 +157,45 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
                     w_init=hk.initializers.TruncatedNormal(1.0)
                     )(neighbours).astype(dtype)  # [B, L, k, r, E]
 
-  def layer(i: int, carry: _Carry) -> _Carry:
-    x, encoded = carry
-    with hk.experimental.name_scope(f"decoder/layer_{i:02d}"):
-      h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-      x = x + attention.SelfAttention(
-          cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
-          block=cfg.attention_block, name="self_attention")(h)  # [B, N, D]
-      if retrieve and i in cfg.cca_layer_indices:
-        if encoded is None:
-          encoded = NeighbourEncoder(cfg)(nb, valid, x)  # [B, L, k, r, E]
-        h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
-        x = x + attention.ChunkedCrossAttention(
-            cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-            name="cca")(h, encoded, valid)  # [B, N, D]
-      x = x + MLP(cfg.d_ff, name="mlp")(
-          attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))  # [B, N, D]
-      x = sharding.constrain(x, ("batch", "length", "embed"))
-    return _Carry(x, encoded)
+  def self_attention_block(x):                                  # [B, N, D]
+    h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
+    return x + attention.SelfAttention(
+        cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
+        block=cfg.attention_block, name="self_attention")(h)
 
-  carry = _Carry(x, None)
-  for i in range(cfg.num_layers):
-    fn = lambda c, i=i: layer(i, c)
-    if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if cfg.remat == "dots" else None)
-      fn = hk.remat(fn, policy=policy)
-    carry = fn(carry)
+  def mlp_block(x):                                             # [B, N, D]
+    x = x + MLP(cfg.d_ff, name="mlp")(
+        attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))
+    return sharding.constrain(x, ("batch", "length", "embed"))
 
-  x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(carry.x)  # [B, N, D]
+  def plain_layer(x):
+    return mlp_block(self_attention_block(x))
+
+  def cca_layer(x, encoded):
+    x = self_attention_block(x)
+    if retrieve:
+      if encoded is None:
+        encoded = NeighbourEncoder(cfg)(nb, valid, x)           # [B, L, k, r, E]
+      h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
+      x = x + attention.ChunkedCrossAttention(
+          cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
+          name="cca")(h, encoded, valid)                        # [B, N, D]
+    return mlp_block(x), encoded
+
+  encoded = None
+  with hk.experimental.name_scope("decoder"):
+    for first, count, has_cca in decoder_runs(cfg):
+      if has_cca:
+        with hk.experimental.name_scope(f"layer_{first:02d}"):
+          x, encoded = _remat(cfg, cca_layer)(x, encoded)
+      elif count == 1:
+        with hk.experimental.name_scope(f"layer_{first:02d}"):
+          x = _remat(cfg, plain_layer)(x)
+      else:
+        name = f"layers_{first:02d}_{first + count - 1:02d}"
+        x = hk.layer_stack(count, name=name)(_remat(cfg, plain_layer))(x)
+
+  x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(x)  # [B, N, D]
   if cfg.tie_output:
     logits = attention.dense(x, table.T)  # [B, N, V]
   else:
@@ -180,6 +218,7 @@ def check_inputs(cfg: RetroConfig, tokens, neighbours) -> None:
                      f"chunk size {m} (tokens shape {tuple(tokens.shape)})")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+  _check_ids("tokens", tokens, cfg.vocab_size)
   if neighbours is None:
     return
   want = f"[batch={b}, chunks={n // m}, k, r]"
@@ -191,6 +230,18 @@ def check_inputs(cfg: RetroConfig, tokens, neighbours) -> None:
                      f"{tuple(tokens.shape)}, got {tuple(neighbours.shape)}")
   if not jnp.issubdtype(neighbours.dtype, jnp.integer):
     raise ValueError(f"neighbours must be integers, got {neighbours.dtype}")
+  _check_ids("neighbours", neighbours, cfg.vocab_size)
+
+
+def _check_ids(name: str, ids, vocab_size: int) -> None:
+  """Ids outside [0, V) would be clamped silently by the embedding lookup.
+  Checked only for concrete arrays (under jit the values are unknown)."""
+  if isinstance(ids, jax.core.Tracer) or ids.size == 0:
+    return
+  lo, hi = int(np.min(ids)), int(np.max(ids))
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f"{name} hold ids in [{lo}, {hi}] but the vocabulary "
+                     f"has {vocab_size} entries (valid ids 0..{vocab_size - 1})")
 
 
 class Retro:

@@ -84,10 +84,16 @@ def make_mesh(axes: Mapping[str, int],
 
 
 # -- parameters ---------------------------------------------------------------
+# Parameters of a scanned run of layers carry one leading (layer) dimension.
+_STACKED = re.compile(r"(^|/)layers_\d+_\d+/")
+
+
 def logical_axes_of(path: str, ndim: int) -> Optional[Tuple[Optional[str], ...]]:
   """Logical axes of the first rule matching `path`, or None if none does."""
+  stacked = bool(_STACKED.search(path))
   for pattern, axes in PARAM_RULES:
     if re.search(pattern, path):
+      axes = (None,) + tuple(axes) if stacked else tuple(axes)
       if len(axes) != ndim:
         raise ValueError(f"sharding rule {pattern!r} names {len(axes)} axes "
                          f"but parameter {path} has {ndim} dimensions")

@@ -58,20 +58,22 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array,
                   loss_mask: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
   """Summed next-token negative log-likelihood (nats) and target count.
 
+  Position t predicts token t + 1; the last position has no target and gets
+  weight 0 (rather than slicing the logits, which would copy them).
+
   Args:
     logits: float32 [B, N, V].
     tokens: int [B, N].
     loss_mask: optional [B, N], 1 where a token is a target.
   """
-  logits = logits[:, :-1]                                        # [B, N-1, V]
-  targets = tokens[:, 1:]                                        # [B, N-1]
-  lse = jax.nn.logsumexp(logits, axis=-1)                        # [B, N-1]
+  targets = jnp.roll(tokens, -1, axis=1)                         # [B, N]
+  lse = jax.nn.logsumexp(logits, axis=-1)                        # [B, N]
   picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  nll = lse - picked                                             # [B, N-1]
-  if loss_mask is None:
-    weight = jnp.ones_like(nll)
-  else:
-    weight = loss_mask[:, 1:].astype(nll.dtype)
+  nll = lse - picked                                             # [B, N]
+  has_target = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1  # [N]
+  weight = jnp.broadcast_to(has_target, nll.shape).astype(nll.dtype)
+  if loss_mask is not None:
+    weight = weight * jnp.roll(loss_mask, -1, axis=1).astype(nll.dtype)
   return jnp.sum(nll * weight), jnp.sum(weight)
 
 

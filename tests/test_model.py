@@ -261,3 +261,40 @@ def test_bench_preset_logits_shape():
   params = jax.eval_shape(model.init, jax.random.key(0), tokens, nbs)
   out = jax.eval_shape(model.apply, params, tokens, nbs)
   assert out.shape == (2, 512, 8192) and out.dtype == jnp.float32
+
+
+def test_scanned_layers_equal_unrolled(tiny):
+  """`scan_layers` stacks runs of plain layers; with the same weights it must
+  compute exactly what the unrolled decoder computes."""
+  cfg = tiny.replace(cca_layers=(4,))          # Layers 1-3 form one run.
+  tokens = random_tokens(cfg, 2, N, seed=3)
+  neighbours = random_neighbours(cfg, 2, N, seed=4)
+  unrolled, scanned = Retro(cfg), Retro(cfg.replace(scan_layers=True))
+  params = unrolled.init(jax.random.key(1), tokens, neighbours)
+  stacked = {k: v for k, v in params.items()
+             if not k.startswith(("decoder/layer_00", "decoder/layer_01",
+                                  "decoder/layer_02"))}
+  for key in params:
+    if key.startswith("decoder/layer_00/"):
+      sub = key[len("decoder/layer_00/"):]
+      stacked["decoder/layers_00_02/" + sub] = jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs),
+          *[params[f"decoder/layer_{i:02d}/{sub}"] for i in range(3)])
+  want = jax.eval_shape(scanned.init, jax.random.key(1), tokens, neighbours)
+  assert (jax.tree_util.tree_map(lambda a: a.shape, want)
+          == jax.tree_util.tree_map(lambda a: a.shape, stacked))
+  np.testing.assert_allclose(scanned.apply(stacked, tokens, neighbours),
+                             unrolled.apply(params, tokens, neighbours),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_vocabulary_ids_raise(setup, tiny):
+  model, params, _, tokens, neighbours = setup
+  bad = tokens.copy()
+  bad[0, 5] = tiny.vocab_size
+  with pytest.raises(ValueError, match="tokens hold ids"):
+    model.apply(params, bad, neighbours)
+  bad_nb = neighbours.copy()
+  bad_nb[0, 0, 0, 0] = -1
+  with pytest.raises(ValueError, match="neighbours hold ids"):
+    model.apply(params, tokens, bad_nb)
