@@ -2,6 +2,7 @@
 
 from retro_jax.config import PRESETS, RetroConfig
 from retro_jax.model import Retro, count_params
+from retro_jax.retrieval.embedder import BertEmbedder
 
-__all__ = ["PRESETS", "Retro", "RetroConfig", "count_params"]
+__all__ = ["BertEmbedder", "PRESETS", "Retro", "RetroConfig", "count_params"]
 __version__ = "0.1.0"

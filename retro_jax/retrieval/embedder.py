@@ -147,7 +147,7 @@ def _dense(x: jax.Array, width: int, name: str) -> jax.Array:
 
 @dataclasses.dataclass
 class BertLayer(hk.Module):
-  """One post-norm transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+  """A post-norm transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
 
   cfg: BertConfig
   name: Optional[str] = None
@@ -214,7 +214,7 @@ def _transformed(cfg: BertConfig) -> hk.Transformed:
   return hk.without_apply_rng(hk.transform(fn))
 
 
-# -- checkpoint -> Haiku params -------------------------------------------------
+# -- checkpoint -> Haiku params ----------------------------------------------
 _LAYER_KEYS = {  # Haiku module (in layer_i) -> Hugging Face module.
     "query": "attention.self.query",
     "key": "attention.self.key",
@@ -254,7 +254,8 @@ def load_params(path: str, cfg: BertConfig) -> hk.Params:
     tensors = safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, OSError, ValueError) as e:
     raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-  prefix = "bert." if "bert.embeddings.word_embeddings.weight" in tensors else ""
+  bert_prefixed = "bert.embeddings.word_embeddings.weight" in tensors
+  prefix = "bert." if bert_prefixed else ""
   shapes = jax.eval_shape(
       _transformed(cfg).init, jax.random.PRNGKey(0),
       jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
@@ -319,7 +320,7 @@ def default_model_dir() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-# -- the embedder ---------------------------------------------------------------
+# -- the embedder ------------------------------------------------------------
 class BertEmbedder:
   """A frozen BERT that maps texts to mean-pooled float32 vectors.
 
