@@ -141,7 +141,9 @@ def _dense_init(fan_in: int) -> hk.initializers.Initializer:
   return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
 
 
-def _param(name, shape, fan_in, dtype):
+def param(name: str, shape, fan_in: int, dtype) -> jax.Array:
+  """A float32 weight (truncated normal, std 1/sqrt(fan_in)) cast to the
+  compute dtype: parameters stay float32 under mixed precision."""
   w = hk.get_parameter(name, shape, init=_dense_init(fan_in))
   return w.astype(dtype)
 
@@ -207,8 +209,8 @@ class SelfAttention(hk.Module):
                key_valid: Optional[jax.Array] = None) -> jax.Array:
     """x: [B, T, D]; key_valid: optional bool [B, T]. Returns [B, T, D]."""
     d, h, kd = x.shape[-1], self.num_heads, self.head_dim
-    w_qkv = _param("w_qkv", [d, 3, h, kd], d, x.dtype)  # [D, 3, H, K]
-    w_o = _param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    w_qkv = param("w_qkv", [d, 3, h, kd], d, x.dtype)  # [D, 3, H, K]
+    w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
     qkv = heads_first(dense(x, w_qkv), groups=3)  # [3, B, H, T, K]
     pos = jnp.arange(x.shape[1])
     q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)  # [B, H, T, K]
@@ -252,9 +254,9 @@ class ChunkedCrossAttention(hk.Module):
     b, n, d = x.shape
     m, h, kd = self.chunk_size, self.num_heads, self.head_dim
     _, l, nk, r, e = encoded.shape
-    w_q = _param("w_q", [d, h, kd], d, x.dtype)  # [D, H, K]
-    w_kv = _param("w_kv", [e, 2, h, kd], e, x.dtype)  # [E, 2, H, K]
-    w_o = _param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    w_q = param("w_q", [d, h, kd], d, x.dtype)  # [D, H, K]
+    w_kv = param("w_kv", [e, 2, h, kd], e, x.dtype)  # [E, 2, H, K]
+    w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
 
     shifted = jnp.pad(x[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))  # [B, N, D]
     shifted = shifted.reshape(b, l, m, d)  # [B, L, m, D]
@@ -286,9 +288,9 @@ class NeighbourCrossAttention(hk.Module):
     activations. Returns [B, L, k*r, E]."""
     e, d = x.shape[-1], context.shape[-1]
     h, kd = self.num_heads, self.head_dim
-    w_q = _param("w_q", [e, h, kd], e, x.dtype)  # [E, H, K]
-    w_kv = _param("w_kv", [d, 2, h, kd], d, x.dtype)  # [D, 2, H, K]
-    w_o = _param("w_o", [h, kd, e], h * kd, x.dtype)  # [H, K, E]
+    w_q = param("w_q", [e, h, kd], e, x.dtype)  # [E, H, K]
+    w_kv = param("w_kv", [d, 2, h, kd], d, x.dtype)  # [D, 2, H, K]
+    w_o = param("w_o", [h, kd, e], h * kd, x.dtype)  # [H, K, E]
     q = heads_first(dense(x, w_q)) * (kd ** -0.5)  # [B, L, H, kr, K]
     kv = heads_first(dense(context, w_kv), groups=2)  # [2, B, L, H, m, K]
     out = attend(q, kv[0], kv[1])  # [B, L, H, kr, K]

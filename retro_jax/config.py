@@ -50,8 +50,8 @@ class RetroConfig:
   tie_output: bool = False           # Logits use the transposed embedding.
   rope_base: float = 10_000.0        # Rotary embedding base frequency.
   norm_eps: float = 1e-6             # RMSNorm epsilon.
-  compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16.
-  param_dtype: str = "float32"       # Stored parameters (keep float32).
+  compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16;
+                                     # parameters always stay float32.
   remat: str = "none"                # none | full | dots: hk.remat per layer.
   scan_layers: bool = False          # Scan runs of plain (non-CCA) decoder
                                      # layers: faster compiles of deep models.
@@ -84,7 +84,6 @@ class RetroConfig:
          "enc_cross_attention_layers",
          f"layers are 1-indexed and must lie in [1, {self.enc_num_layers}]")
     need(self.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
-    need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
     need(self.remat in ("none", "full", "dots"), "remat",
          "one of none, full, dots")
     need(self.head_dim % 2 == 0, "head_dim", "rotary needs an even head_dim")

@@ -46,8 +46,8 @@ class MLP(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    w_in = attention._param("w_in", [d, self.d_ff], d, x.dtype)  # [D, F]
-    w_out = attention._param("w_out", [self.d_ff, d], self.d_ff, x.dtype)
+    w_in = attention.param("w_in", [d, self.d_ff], d, x.dtype)  # [D, F]
+    w_out = attention.param("w_out", [self.d_ff, d], self.d_ff, x.dtype)
     h = jax.nn.gelu(attention.dense(x, w_in))  # [..., F]
     return attention.dense(h, w_out)  # [..., D]
 
@@ -149,7 +149,7 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
       nb = table[neighbours]  # [B, L, k, r, D]
       if cfg.enc_d_model != cfg.d_model:
         with hk.experimental.name_scope("enc_embed_proj"):
-          w = attention._param("w", [cfg.d_model, cfg.enc_d_model],
+          w = attention.param("w", [cfg.d_model, cfg.enc_d_model],
                                cfg.d_model, dtype)  # [D, E]
         nb = attention.dense(nb, w)  # [B, L, k, r, E]
     else:
@@ -200,7 +200,7 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
     logits = attention.dense(x, table.T)  # [B, N, V]
   else:
     with hk.experimental.name_scope("output"):
-      w = attention._param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
+      w = attention.param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
                            dtype)  # [D, V]
     logits = attention.dense(x, w)  # [B, N, V]
   return logits.astype(jnp.float32)

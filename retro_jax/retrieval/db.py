@@ -1,0 +1,316 @@
+"""The retrieval DB: RETRO's chunk store, read through memory maps.
+
+Every chunk of the retrieval corpus (m = 64 SentencePiece tokens of one
+document, the last chunk of a document 0-padded) has a global id; the DB maps
+ids to tokens, document ids, BERT embeddings and neighbour values (the chunk
+followed by its continuation, the next chunk of the same document). Building
+it is db_build.py (write_chunks -> embed_shards -> finalize, re-exported
+here); its files are described in db_format.py. Only a finalized DB, one with
+a manifest.json written after every shard was checked, is ever opened.
+
+  db = RetrievalDB.open(path, spm_path=..., embedder=bert)
+  db.neighbour_values(ids)        # int32 [..., 2m]; id -1 -> all zeros
+
+Global ids are mapped to (shard, row) by a table of cumulative shard sizes;
+a continuation is read across a shard boundary like any other chunk.
+
+Shape glossary:
+  N: chunks in the DB.   S: shards.   m: tokens per chunk (64).
+  D: embedding width.    ...: any shape of an id array.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+from retro_jax.retrieval import db_format as fmt
+from retro_jax.retrieval.db_build import (CHUNK_SIZE, PAD_ID, chunk_document,
+                                          embed_shards, load_build,
+                                          write_chunks)
+from retro_jax.retrieval.db_format import IncompleteDBError
+
+__all__ = ["CHUNK_SIZE", "PAD_ID", "IncompleteDBError", "RetrievalDB",
+           "chunk_document", "embed_shards", "finalize", "update_manifest",
+           "write_chunks"]
+
+# Fields that describe the stored data; update_manifest may not touch them.
+_FROZEN_FIELDS = ("format_version", "spm_model_sha256", "embedder",
+                  "chunk_size", "num_chunks", "num_tokens", "num_documents",
+                  "text_bytes", "embedding", "shards", "build")
+
+
+def _shard_problems(db_dir: str, num_shards: int,
+                    verify: bool) -> tuple[List[str], List[Dict[str, Any]]]:
+  """(problems, records of the complete shards) for shards [0, num_shards)."""
+  problems, shards = [], []
+  for i in range(num_shards):
+    sdir = fmt.shard_dir(db_dir, i)
+    problem = fmt.chunks_problem(sdir, verify)
+    chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+    problem = problem or fmt.embeddings_problem(sdir, chunks, verify)
+    if problem:
+      problems.append(problem)
+      continue
+    record = fmt.read_json(os.path.join(sdir, fmt.EMBEDDINGS_RECORD))
+    shards.append({"name": fmt.shard_name(i),
+                   "num_chunks": chunks["num_chunks"],
+                   "files": dict(chunks["files"],
+                                 **{fmt.EMBEDDINGS: record["file"]}),
+                   "embedding": {k: record[k] for k in
+                                 ("embedder", "dtype", "dim")}})
+  return problems, shards
+
+
+def finalize(db_dir: str, verify: bool = True) -> Dict[str, Any]:
+  """Stage 3: checks every shard and writes manifest.json (atomically).
+
+  Args:
+    db_dir: a DB after write_chunks and embed_shards.
+    verify: recompute every file's sha256 (else sizes only).
+  Returns:
+    The manifest. The `index` and `recall` fields of an earlier manifest are
+    kept when the shards are unchanged.
+  Raises:
+    IncompleteDBError: naming the missing, stale or corrupted shard files.
+    ValueError: an empty corpus, or shards from different embedders.
+  """
+  build = load_build(db_dir)
+  summary = build["chunks"]
+  if not summary["num_chunks"]:
+    raise ValueError(f"{db_dir} holds no chunks (skipped documents: "
+                     f"{summary['skipped']}): the corpus is empty")
+  problems, shards = _shard_problems(db_dir, summary["num_shards"], verify)
+  spm_file = os.path.join(db_dir, fmt.SPM_MODEL)
+  if (not os.path.isfile(spm_file)
+      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
+    problems.append(f"{fmt.SPM_MODEL} is missing or damaged")
+  if problems:
+    raise IncompleteDBError(
+        f"{db_dir} cannot be finalized: {fmt.describe(problems)} (rerun "
+        f"write_chunks / embed_shards)")
+  kinds = {repr(s.pop("embedding")) for s in shards}
+  if len(kinds) != 1:
+    raise ValueError(f"{db_dir} mixes embeddings: {sorted(kinds)}")
+  record = fmt.read_json(os.path.join(fmt.shard_dir(db_dir, 0),
+                                      fmt.EMBEDDINGS_RECORD))
+  if sum(s["num_chunks"] for s in shards) != summary["num_chunks"]:
+    raise IncompleteDBError(f"{db_dir}: shard sizes do not add up to the "
+                            f"{summary['num_chunks']} chunks written")
+  old = fmt.read_json(os.path.join(db_dir, fmt.MANIFEST)) or {}
+  same = (old.get("shards") == shards
+          and old.get("embedder") == record["embedder"])
+  manifest = {
+      "format_version": fmt.FORMAT_VERSION,
+      "spm_model_sha256": build["spm_model_sha256"],
+      "embedder": record["embedder"],
+      "chunk_size": build["chunk_size"],
+      "num_chunks": summary["num_chunks"],
+      "num_tokens": summary["num_tokens"],
+      "num_documents": summary["num_documents"],
+      "text_bytes": summary["text_bytes"],
+      "embedding": {"dim": record["dim"], "dtype": record["dtype"]},
+      "shards": shards,
+      "build": {k: summary[k] for k in ("skipped", "short_documents",
+                                        "shard_chunks")},
+      "finalized": time.time(),
+      "index": old.get("index", {}) if same else {},
+      "recall": old.get("recall", {}) if same else {},
+  }
+  fmt.write_json_atomic(os.path.join(db_dir, fmt.MANIFEST), manifest)
+  for i in range(len(shards)):
+    fmt.remove_temporaries(fmt.shard_dir(db_dir, i))
+  return manifest
+
+
+def update_manifest(db_dir: str, **fields: Any) -> Dict[str, Any]:
+  """Sets free-form manifest fields (e.g. `index`, `recall`) atomically.
+
+  Fields that describe the stored data are refused: rebuild instead.
+  """
+  path = os.path.join(db_dir, fmt.MANIFEST)
+  manifest = fmt.read_json(path)
+  if manifest is None:
+    raise IncompleteDBError(f"{db_dir} has no {fmt.MANIFEST}: run finalize")
+  frozen = sorted(set(fields) & set(_FROZEN_FIELDS))
+  if frozen:
+    raise ValueError(f"manifest fields {frozen} describe the stored data and "
+                     f"cannot be updated")
+  manifest.update(fields)
+  fmt.write_json_atomic(path, manifest)
+  return manifest
+
+
+def _unfinalized_reason(path: str) -> str:
+  """What keeps a DB directory without a manifest from being served."""
+  try:
+    build = load_build(path)
+  except IncompleteDBError as e:
+    return str(e)
+  problems, _ = _shard_problems(path, build["chunks"]["num_shards"], False)
+  return fmt.describe(problems) if problems else "all shards are complete"
+
+
+class RetrievalDB:
+  """A finalized retrieval DB, memory-mapped; open it with `RetrievalDB.open`.
+
+  Attributes:
+    path: the DB directory.
+    manifest: its manifest.json.
+  """
+
+  def __init__(self, path: str, manifest: Dict[str, Any],
+               tokens: List[np.ndarray], doc_ids: List[np.ndarray],
+               embeddings: List[np.ndarray]):
+    self.path, self.manifest = path, manifest
+    self._tokens, self._doc_ids, self._embeddings = tokens, doc_ids, embeddings
+    sizes = [s["num_chunks"] for s in manifest["shards"]]
+    self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(
+        np.int64)  # [S + 1]
+
+  @classmethod
+  def open(cls, path: str, spm_path: Optional[str] = None,
+           embedder: Union[None, str, Any] = None,
+           verify: bool = False) -> RetrievalDB:
+    """Opens a finalized DB.
+
+    Args:
+      path: the DB directory.
+      spm_path: if given, the `.model` file the DB must have been built with.
+      embedder: if given, a BertEmbedder (or its fingerprint) the DB must
+        have been embedded with.
+      verify: recompute every file's sha256 (else sizes only).
+    Raises:
+      IncompleteDBError: not finalized, or files missing or corrupted.
+      ValueError: the vocabulary or embedder differs (both values named).
+    """
+    manifest = fmt.read_json(os.path.join(path, fmt.MANIFEST))
+    if manifest is None:
+      raise IncompleteDBError(
+          f"{path} is not a finalized retrieval DB (no {fmt.MANIFEST}): "
+          f"{_unfinalized_reason(path)}; finish the build and run finalize")
+    if manifest.get("format_version") != fmt.FORMAT_VERSION:
+      raise IncompleteDBError(
+          f"{path} has format version {manifest.get('format_version')}, "
+          f"this code reads version {fmt.FORMAT_VERSION}")
+    if spm_path is not None:
+      have = fmt.sha256_file(spm_path)
+      if have != manifest["spm_model_sha256"]:
+        raise ValueError(
+            f"{path} was built with the SentencePiece model of sha256 "
+            f"{manifest['spm_model_sha256']}, {spm_path} has sha256 {have}")
+    if embedder is not None:
+      fp = embedder if isinstance(embedder, str) else embedder.fingerprint
+      name = None if isinstance(embedder, str) else embedder.name
+      built = manifest["embedder"]
+      if fp != built["fingerprint"]:
+        raise ValueError(
+            f"{path} was embedded with {built['name']!r} (fingerprint "
+            f"{built['fingerprint']}), the given embedder is {name!r} "
+            f"(fingerprint {fp})")
+    arrays = {fmt.TOKENS: [], fmt.DOC_IDS: [], fmt.EMBEDDINGS: []}
+    problems = []
+    for shard in manifest["shards"]:
+      sdir = os.path.join(path, fmt.SHARDS, shard["name"])
+      for fname, record in shard["files"].items():
+        problem = fmt.file_problem(os.path.join(sdir, fname), record, verify)
+        if problem:
+          problems.append(problem)
+        elif not problems:
+          try:
+            arrays[fname].append(np.load(os.path.join(sdir, fname),
+                                         mmap_mode="r", allow_pickle=False))
+          except ValueError as e:  # A damaged header of the right size.
+            problems.append(f"{shard['name']}/{fname} is unreadable: {e}")
+    for shard, t, d, e in zip(manifest["shards"], arrays[fmt.TOKENS],
+                              arrays[fmt.DOC_IDS], arrays[fmt.EMBEDDINGS]):
+      n = shard["num_chunks"]
+      want = (((n, manifest["chunk_size"]), np.int32), ((n,), np.int64),
+              ((n, manifest["embedding"]["dim"]),
+               np.dtype(manifest["embedding"]["dtype"])))
+      if [(a.shape, a.dtype) for a in (t, d, e)] != list(want):
+        problems.append(f"{shard['name']} holds arrays of the wrong shape")
+    if problems:
+      raise IncompleteDBError(f"{path} is damaged: {fmt.describe(problems)}")
+    return cls(path, manifest, arrays[fmt.TOKENS], arrays[fmt.DOC_IDS],
+               arrays[fmt.EMBEDDINGS])
+
+  @property
+  def num_chunks(self) -> int:
+    return int(self._offsets[-1])
+
+  def __len__(self) -> int:
+    return self.num_chunks
+
+  @property
+  def dim(self) -> int:
+    return int(self.manifest["embedding"]["dim"])
+
+  @property
+  def chunk_size(self) -> int:
+    return int(self.manifest["chunk_size"])
+
+  def __repr__(self) -> str:
+    return (f"RetrievalDB({self.path!r}, {self.num_chunks} chunks, "
+            f"{len(self._tokens)} shards, {self.manifest['embedder']['name']})")
+
+  def _gather(self, arrays: List[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (any shape, all in [0, N)) of per-shard `arrays`."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+      raise TypeError(f"chunk ids must be integers, got {ids.dtype}")
+    flat = ids.reshape(-1).astype(np.int64)  # [K]
+    if flat.size and (flat.min() < 0 or flat.max() >= self.num_chunks):
+      raise IndexError(f"chunk ids must lie in [0, {self.num_chunks}), got "
+                       f"[{flat.min()}, {flat.max()}]")
+    shard = np.searchsorted(self._offsets, flat, side="right") - 1  # [K]
+    row = flat - self._offsets[shard]  # [K]
+    first = arrays[0]
+    out = np.empty((len(flat),) + first.shape[1:], first.dtype)  # [K, ...]
+    for s in np.unique(shard):
+      sel = shard == s
+      out[sel] = arrays[s][row[sel]]
+    return out.reshape(ids.shape + first.shape[1:])
+
+  def chunk_tokens(self, ids: np.ndarray) -> np.ndarray:
+    """int32 [..., m]: the tokens of chunks `ids` (0-padded)."""
+    return self._gather(self._tokens, ids)
+
+  def doc_ids_of(self, ids: np.ndarray) -> np.ndarray:
+    """int64 [...]: the document of each chunk."""
+    return self._gather(self._doc_ids, ids)
+
+  def neighbour_values(self, ids: np.ndarray) -> np.ndarray:
+    """int32 [..., 2m]: each chunk followed by its continuation (the next
+    chunk of its document, or zeros after its last chunk); id -1 (no
+    neighbour) gives all zeros."""
+    ids = np.asarray(ids)
+    if ids.size and ids.min() < -1:
+      raise IndexError(f"chunk ids must be -1 or in [0, {self.num_chunks})")
+    valid = ids >= 0  # [...]
+    cur = np.where(valid, ids, 0)  # [...]
+    nxt = cur + 1  # [...]
+    has_next = valid & (nxt < self.num_chunks)
+    nxt = np.where(has_next, nxt, 0)
+    # Continuations cross shard boundaries: chunk ids are global.
+    same_doc = has_next & (self.doc_ids_of(nxt) == self.doc_ids_of(cur))
+    chunk = self.chunk_tokens(cur) * valid[..., None]  # [..., m]
+    cont = self.chunk_tokens(nxt) * same_doc[..., None]  # [..., m]
+    return np.concatenate([chunk, cont], axis=-1).astype(np.int32)
+
+  def embedding_shards(self) -> List[np.ndarray]:
+    """The memory-mapped embeddings, one [n, D] array per shard, in id
+    order (for builders that stream rather than load)."""
+    return list(self._embeddings)
+
+  def embeddings(self) -> np.ndarray:
+    """float32 [N, D]: every chunk's embedding, in id order (loaded)."""
+    return np.concatenate(self._embeddings, axis=0, dtype=np.float32)
+
+  def chunk_text(self, chunk_id: int, sp) -> str:
+    """The detokenized text of one chunk (what BERT embedded)."""
+    tokens = self.chunk_tokens(np.asarray([chunk_id]))[0]  # [m]
+    return sp.decode(tokens[tokens != PAD_ID].tolist())

@@ -1,0 +1,386 @@
+"""Building the retrieval DB: chunk, embed, finalize (streaming, resumable).
+
+Three stages, each safe to kill at any point and rerun (db_format.py has the
+layout and the atomic-write rules that make this true):
+
+  1. write_chunks   documents -> SentencePiece ids -> 64-token chunks, in
+                    shards of `shard_chunks` chunks; one pass over a stream,
+                    one shard in memory. A rerun re-reads the stream and
+                    rewrites only shards whose bytes differ from what is on
+                    disk or that are damaged.
+  2. embed_shards   frozen BERT over the detokenized chunks of the shards
+                    i with i % num_shards == shard_index, so the stage spreads
+                    over workers; complete shards are skipped.
+  3. finalize       checks every shard against its checksums and writes
+                    manifest.json, the only file that makes the DB servable.
+
+A document's chunks are consecutive and may run across a shard boundary; the
+continuation of chunk i is chunk i + 1 when both have the same document id,
+which readers derive (nothing about continuations is stored, so nothing about
+them can go stale).
+
+Shape glossary:
+  t: tokens of a document.   c: its chunks, ceil(t / m).
+  n: chunks in a shard.      m: tokens per chunk (64).   D: embedding width.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import tqdm
+
+from retro_jax.corpus import vocab
+from retro_jax.corpus.sources import Document
+from retro_jax.retrieval import db_format as fmt
+
+CHUNK_SIZE = 64
+PAD_ID = 0
+EMBEDDING_DTYPES = ("float32", "float16")
+_DOC_BATCH = 256  # Documents per SentencePiece call (it tokenizes in threads).
+
+
+def chunk_document(ids: np.ndarray, chunk_size: int = CHUNK_SIZE) -> np.ndarray:
+  """int [t] token ids -> int32 [ceil(t / m), m] chunks, the last 0-padded.
+
+  Raises ValueError for ids that are not 1-D or that contain the pad id 0
+  (padding must mean "no token" everywhere downstream).
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 1:
+    raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+  if np.any(ids == PAD_ID):
+    raise ValueError(f"ids contain the pad id {PAD_ID}")
+  c = -(-len(ids) // chunk_size)
+  out = np.zeros((c * chunk_size,), np.int32)  # [c * m]
+  out[:len(ids)] = ids
+  return out.reshape(c, chunk_size)  # [c, m]
+
+
+def spm_model_bytes(sp, spm_path: Optional[str]) -> bytes:
+  """The `.model` file's bytes, or the processor's serialized model (the same
+  bytes for a model written by corpus.vocab.train)."""
+  if spm_path is None:
+    return sp.serialized_model_proto()
+  with open(spm_path, "rb") as f:
+    return f.read()
+
+
+class _ShardWriter:
+  """Fills shards of `shard_chunks` chunks and writes each when full."""
+
+  def __init__(self, db_dir: str, shard_chunks: int, chunk_size: int,
+               manifest: Optional[Dict[str, Any]]):
+    self.db_dir, self.manifest = db_dir, manifest
+    self.tokens = np.zeros((shard_chunks, chunk_size), np.int32)  # [n, m]
+    self.doc_ids = np.zeros((shard_chunks,), np.int64)  # [n]
+    self.fill = 0
+    self.index = 0
+    self.written = self.reused = 0
+
+  def add(self, chunks: np.ndarray, doc_id: int) -> None:
+    """Appends a document's chunks [c, m], spilling into the next shard."""
+    start = 0
+    while start < len(chunks):
+      take = min(len(chunks) - start, len(self.tokens) - self.fill)
+      self.tokens[self.fill:self.fill + take] = chunks[start:start + take]
+      self.doc_ids[self.fill:self.fill + take] = doc_id
+      self.fill += take
+      start += take
+      if self.fill == len(self.tokens):
+        self.flush()
+
+  def flush(self) -> None:
+    if not self.fill:
+      return
+    tokens_npy = fmt.npy_bytes(self.tokens[:self.fill])
+    doc_ids_npy = fmt.npy_bytes(self.doc_ids[:self.fill])
+    want = {fmt.TOKENS: fmt.sha256_bytes(tokens_npy),
+            fmt.DOC_IDS: fmt.sha256_bytes(doc_ids_npy)}
+    sdir = fmt.shard_dir(self.db_dir, self.index)
+    if self.manifest is not None:
+      # A finalized DB is only ever restored, never changed under its readers.
+      shards = self.manifest["shards"]
+      have = shards[self.index]["files"] if self.index < len(shards) else {}
+      if any(have.get(k, {}).get("sha256") != v for k, v in want.items()):
+        raise ValueError(
+            f"{self.db_dir} is finalized and its {fmt.shard_name(self.index)}"
+            f" differs from this corpus: build into a fresh directory")
+    record = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+    if (record is not None and {k: v.get("sha256") for k, v in
+                                record.get("files", {}).items()} == want
+        and fmt.chunks_problem(sdir, verify=True) is None):
+      self.reused += 1
+    else:
+      os.makedirs(sdir, exist_ok=True)
+      # Unrecord first: while the files are replaced the shard is incomplete.
+      # (Its embeddings record names the tokens' sha256, so embeddings of
+      # other tokens are found stale by embed_shards and finalize.)
+      if os.path.exists(os.path.join(sdir, fmt.CHUNKS_RECORD)):
+        os.remove(os.path.join(sdir, fmt.CHUNKS_RECORD))
+      fmt.remove_temporaries(sdir)
+      files = {
+          fmt.TOKENS: fmt.write_bytes_atomic(
+              os.path.join(sdir, fmt.TOKENS), tokens_npy),
+          fmt.DOC_IDS: fmt.write_bytes_atomic(
+              os.path.join(sdir, fmt.DOC_IDS), doc_ids_npy)}
+      fmt.write_json_atomic(os.path.join(sdir, fmt.CHUNKS_RECORD),
+                            {"num_chunks": self.fill, "files": files})
+      self.written += 1
+    self.index += 1
+    self.fill = 0
+
+
+def _batches(docs: Iterable[Document], size: int) -> Iterator[List[Document]]:
+  batch = []
+  for doc in docs:
+    batch.append(doc)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def _start_build(out_dir: str, build: Dict[str, Any], record: bool) -> None:
+  """Records the build parameters (if `record`), refusing a directory built
+  with others."""
+  os.makedirs(out_dir, exist_ok=True)
+  old = fmt.read_json(os.path.join(out_dir, fmt.BUILD))
+  if old is None:
+    if [f for f in os.listdir(out_dir) if fmt.TMP_MARK not in f]:
+      raise ValueError(f"{out_dir} is not empty and holds no {fmt.BUILD}: "
+                       f"not a retrieval DB directory, refusing to write")
+  else:
+    for key in ("format_version", "spm_model_sha256", "chunk_size",
+                "shard_chunks"):
+      if old.get(key) != build[key]:
+        raise ValueError(
+            f"{out_dir} was built with {key} {old.get(key)!r}, this build has "
+            f"{build[key]!r}: build into a fresh directory")
+  if record:
+    fmt.write_json_atomic(os.path.join(out_dir, fmt.BUILD), build)
+
+
+def write_chunks(docs: Iterable[Document], sp, out_dir: str,
+                 shard_chunks: int = 65536, spm_path: Optional[str] = None,
+                 chunk_size: int = CHUNK_SIZE,
+                 progress: bool = True) -> Dict[str, Any]:
+  """Stage 1: tokenizes and chunks `docs` into shards under `out_dir`.
+
+  Args:
+    docs: the corpus, streamed once.
+    sp: a SentencePieceProcessor (corpus/vocab.py).
+    out_dir: the DB directory (created; a rerun resumes it).
+    shard_chunks: chunks per shard (the last shard holds the rest).
+    spm_path: the `.model` file of `sp`, whose bytes the DB records and
+      copies (default: the processor's serialized model).
+    chunk_size: m, tokens per chunk.
+    progress: show a tqdm bar.
+  Returns:
+    A summary: counts of documents, chunks, tokens, text bytes, short and
+    skipped documents by reason, and shards written / reused.
+  Raises:
+    ValueError: the directory was built with another vocabulary, chunk or
+      shard size, or is finalized and differs; or no document gave a chunk.
+  """
+  if shard_chunks < 1 or chunk_size < 1:
+    raise ValueError(f"shard_chunks {shard_chunks} and chunk_size "
+                     f"{chunk_size} must be positive")
+  spm_bytes = spm_model_bytes(sp, spm_path)
+  build = {"format_version": fmt.FORMAT_VERSION,
+           "spm_model_sha256": fmt.sha256_bytes(spm_bytes),
+           "chunk_size": chunk_size, "shard_chunks": shard_chunks,
+           "started": time.time(), "chunks": None}
+  manifest = fmt.read_json(os.path.join(out_dir, fmt.MANIFEST))
+  # A finalized DB's build.json is rewritten only if the rerun matches it.
+  _start_build(out_dir, build, record=manifest is None)
+  spm_file = os.path.join(out_dir, fmt.SPM_MODEL)
+  if (not os.path.isfile(spm_file)
+      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
+    fmt.write_bytes_atomic(spm_file, spm_bytes)
+  writer = _ShardWriter(out_dir, shard_chunks, chunk_size, manifest)
+  skipped = dict(empty=0, invalid_unicode=0, empty_after_tokenization=0,
+                 repeated_doc_id=0)
+  counts = dict(num_documents=0, num_chunks=0, num_tokens=0, text_bytes=0,
+                short_documents=0)
+  last_id = None
+  bar = tqdm.tqdm(desc="chunking", unit="doc", disable=not progress)
+  for batch in _batches(docs, _DOC_BATCH):
+    bar.update(len(batch))
+    kept = []
+    for doc in batch:
+      if not doc.text.strip():
+        skipped["empty"] += 1
+        continue
+      try:  # Lone surrogates (surrogateescape) have no UTF-8 form.
+        nbytes = len(doc.text.encode("utf-8"))
+      except UnicodeEncodeError:
+        skipped["invalid_unicode"] += 1
+        continue
+      kept.append((doc, nbytes))
+    for (doc, nbytes), ids in zip(kept, sp.encode([d.text for d, _ in kept])):
+      if not ids:
+        skipped["empty_after_tokenization"] += 1
+        continue
+      if doc.doc_id == last_id:
+        # Adjacent chunks with one id are read as one document's chunks and
+        # continuations; a repeat would join two documents.
+        skipped["repeated_doc_id"] += 1
+        continue
+      last_id = doc.doc_id
+      chunks = chunk_document(np.asarray(ids, np.int32), chunk_size)  # [c, m]
+      writer.add(chunks, doc.doc_id)
+      counts["num_documents"] += 1
+      counts["num_chunks"] += len(chunks)
+      counts["num_tokens"] += len(ids)
+      counts["text_bytes"] += nbytes
+      counts["short_documents"] += len(ids) < chunk_size
+  writer.flush()
+  bar.close()
+  num_shards = writer.index
+  if manifest is not None and num_shards != len(manifest["shards"]):
+    raise ValueError(f"{out_dir} is finalized with {len(manifest['shards'])} "
+                     f"shards, this corpus gives {num_shards}: build into a "
+                     f"fresh directory")
+  shards_root = os.path.join(out_dir, fmt.SHARDS)
+  for name in sorted(os.listdir(shards_root)) if os.path.isdir(
+      shards_root) else []:
+    if (name.startswith("shard-") and name[6:].isdigit()
+        and int(name[6:]) >= num_shards):
+      shutil.rmtree(os.path.join(shards_root, name))  # From a longer corpus.
+  summary = dict(counts, skipped=skipped, num_shards=num_shards,
+                 shards_written=writer.written, shards_reused=writer.reused,
+                 chunk_size=chunk_size, shard_chunks=shard_chunks,
+                 spm_model_sha256=build["spm_model_sha256"])
+  fmt.write_json_atomic(os.path.join(out_dir, fmt.BUILD),
+                        dict(build, chunks=summary))
+  if not counts["num_chunks"]:
+    raise ValueError(f"no document gave a chunk (skipped: {skipped}): "
+                     f"the corpus is empty")
+  return summary
+
+
+def load_build(db_dir: str) -> Dict[str, Any]:
+  """build.json of a DB whose stage 1 (write_chunks) has finished."""
+  build = fmt.read_json(os.path.join(db_dir, fmt.BUILD))
+  if build is None:
+    raise fmt.IncompleteDBError(f"{db_dir} holds no {fmt.BUILD}: not a "
+                                f"retrieval DB (run write_chunks first)")
+  if build.get("chunks") is None:
+    raise fmt.IncompleteDBError(
+        f"{db_dir}: write_chunks has not finished (rerun it; complete shards "
+        f"are kept)")
+  return build
+
+
+def _check_embedder(record: Dict[str, Any], want: Dict[str, Any],
+                    where: str) -> None:
+  """Refuses to mix embedders (or embedding dtypes) in one DB."""
+  have = record.get("embedder", {})
+  if have.get("fingerprint") != want["fingerprint"]:
+    raise ValueError(
+        f"{where} was embedded with {have.get('name')!r} (fingerprint "
+        f"{have.get('fingerprint')}), this embedder is {want['name']!r} "
+        f"(fingerprint {want['fingerprint']}): build into a fresh directory")
+  if record.get("dtype") != want["dtype"]:
+    raise ValueError(f"{where} holds {record.get('dtype')} embeddings, this "
+                     f"run asks for {want['dtype']}")
+
+
+def _embed_shard(sdir: str, chunks: Dict[str, Any], sp, embedder,
+                 want: Dict[str, Any], batch_size: int, bar) -> None:
+  """Embeds one shard into embeddings.npy (+ its record, written last)."""
+  fmt.remove_temporaries(sdir)
+  record_path = os.path.join(sdir, fmt.EMBEDDINGS_RECORD)
+  if os.path.exists(record_path):
+    os.remove(record_path)
+  tokens = np.load(os.path.join(sdir, fmt.TOKENS), mmap_mode="r",
+                   allow_pickle=False)  # [n, m]
+  n = len(tokens)
+  path = os.path.join(sdir, fmt.EMBEDDINGS)
+  tmp = fmt.tmp_path(path)
+  # Written in place through a memmap: a shard's vectors never sit in RAM.
+  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=want["dtype"],
+                                  shape=(n, embedder.dim))  # [n, D]
+  for start in range(0, n, batch_size):
+    rows = np.asarray(tokens[start:start + batch_size])  # [b, m]
+    texts = sp.decode([r[r != PAD_ID].tolist() for r in rows])
+    out[start:start + len(rows)] = embedder.embed(texts)  # [b, D]
+    bar.update(len(rows))
+  out.flush()
+  del out
+  with open(tmp, "rb+") as f:
+    os.fsync(f.fileno())
+  fmt.commit(tmp, path)
+  fmt.write_json_atomic(record_path, dict(
+      want, num_chunks=n, dim=embedder.dim,
+      tokens_sha256=chunks["files"][fmt.TOKENS]["sha256"],
+      file={"sha256": fmt.sha256_file(path), "bytes": os.path.getsize(path)}))
+
+
+def embed_shards(db_dir: str, embedder, shard_index: int = 0,
+                 num_shards: int = 1, batch_size: int = 256,
+                 dtype: str = "float32",
+                 progress: bool = True) -> Dict[str, Any]:
+  """Stage 2: embeds this worker's shards (shard i goes to worker
+  i % num_shards), skipping those whose embeddings are complete.
+
+  Args:
+    db_dir: a DB whose write_chunks has finished.
+    embedder: a BertEmbedder (anything with .embed, .dim, .name and
+      .fingerprint).
+    shard_index: this worker, in [0, num_shards).
+    num_shards: the number of workers.
+    batch_size: chunks per embed() call (and per progress update).
+    dtype: "float32" or "float16" storage of the embeddings.
+    progress: show a tqdm bar (chunks/s).
+  Returns:
+    {"embedded": shard indices embedded now, "skipped": complete ones,
+     "chunks_embedded": how many chunks were embedded now}.
+  Raises:
+    ValueError: a shard was embedded with another embedder or dtype.
+    IncompleteDBError: stage 1 is unfinished or a chunk file is damaged.
+  """
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} must lie in [0, "
+                     f"num_shards={num_shards})")
+  if dtype not in EMBEDDING_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {EMBEDDING_DTYPES}")
+  build = load_build(db_dir)
+  spm_file = os.path.join(db_dir, fmt.SPM_MODEL)
+  if (not os.path.isfile(spm_file)
+      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
+    raise fmt.IncompleteDBError(f"{spm_file} is missing or damaged: rerun "
+                                f"write_chunks")
+  sp = vocab.load(spm_file)
+  want = {"embedder": {"name": embedder.name,
+                       "fingerprint": embedder.fingerprint}, "dtype": dtype}
+  todo, skipped = [], []
+  for i in range(shard_index, build["chunks"]["num_shards"], num_shards):
+    sdir = fmt.shard_dir(db_dir, i)
+    problem = fmt.chunks_problem(sdir, verify=True)
+    if problem:
+      raise fmt.IncompleteDBError(f"{db_dir}: {problem}; rerun write_chunks")
+    chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+    record = fmt.read_json(os.path.join(sdir, fmt.EMBEDDINGS_RECORD))
+    if record is not None:
+      _check_embedder(record, dict(want["embedder"], dtype=dtype),
+                      os.path.join(db_dir, fmt.shard_name(i)))
+    if fmt.embeddings_problem(sdir, chunks, verify=True) is None:
+      skipped.append(i)
+    else:
+      todo.append((i, chunks))
+  total = sum(c["num_chunks"] for _, c in todo)
+  bar = tqdm.tqdm(total=total, unit="chunk", disable=not progress,
+                  desc=f"embedding (worker {shard_index}/{num_shards})")
+  for i, chunks in todo:
+    _embed_shard(fmt.shard_dir(db_dir, i), chunks, sp, embedder, want,
+                 batch_size, bar)
+  bar.close()
+  return {"embedded": [i for i, _ in todo], "skipped": skipped,
+          "chunks_embedded": total}

@@ -1,0 +1,200 @@
+"""The retrieval DB's on-disk layout: atomic files, checksums, shard records.
+
+A DB is a directory; every byte in it is written to a temporary name and
+renamed into place (`os.replace`), so a reader sees either a whole file or
+none, and every array is covered by a sha256 recorded in a small JSON file
+that is itself written last:
+
+  build.json                  written first: format version, chunk size,
+                              shard size and the SentencePiece model hash
+                              (a rerun with another vocabulary is refused);
+                              gains the stage-1 summary when write_chunks ends
+  spm.model                   the vocabulary, so embedding workers need
+                              nothing but the DB to detokenize chunks
+  shards/shard-00000/         one directory per shard, filled by one worker:
+    tokens.npy                int32 [n, m], 0-padded
+    doc_ids.npy               int64 [n]
+    chunks.json               sha256 + size of the two files above (last)
+    embeddings.npy            float32 | float16 [n, D]
+    embeddings.json           its sha256 + size, the embedder fingerprint and
+                              the tokens.npy sha256 it was computed from (last)
+  manifest.json               written by finalize, last of all; a DB without
+                              it is never served
+
+A shard is a directory rather than a set of prefixed flat files so that one
+worker's output is one prefix to copy, list or delete (also on object
+stores), and leftover temporary files of a killed worker stay inside the
+shard they belong to. A file is complete when its JSON record exists and its
+size (cheap check) or its sha256 (full check) matches; a truncated `.npy`
+under its final name or a stray `*.tmp.*` file is never taken for a shard.
+
+Shape glossary:
+  n: chunks in a shard.   m: tokens per chunk (64).   D: embedding width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+FORMAT_VERSION = 1
+BUILD = "build.json"
+MANIFEST = "manifest.json"
+SPM_MODEL = "spm.model"
+SHARDS = "shards"
+TOKENS, DOC_IDS, EMBEDDINGS = "tokens.npy", "doc_ids.npy", "embeddings.npy"
+CHUNKS_RECORD, EMBEDDINGS_RECORD = "chunks.json", "embeddings.json"
+TMP_MARK = ".tmp."  # Temporary names: <final name>.tmp.<pid>.
+
+
+class IncompleteDBError(ValueError):
+  """A DB directory that is unfinished, half-written or corrupted."""
+
+
+def shard_name(i: int) -> str:
+  return f"shard-{i:05d}"
+
+
+def shard_dir(db_dir: str, i: int) -> str:
+  return os.path.join(db_dir, SHARDS, shard_name(i))
+
+
+def sha256_bytes(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+  """The exact bytes `np.save(allow_pickle=False)` writes for `array`."""
+  buf = io.BytesIO()
+  np.save(buf, array, allow_pickle=False)
+  return buf.getvalue()
+
+
+def _fsync_dir(path: str) -> None:
+  # The rename itself is durable only once the directory entry is on disk.
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def tmp_path(path: str) -> str:
+  return f"{path}{TMP_MARK}{os.getpid()}"
+
+
+def commit(tmp: str, path: str) -> None:
+  """Renames a fully written (and fsynced) temporary file into place."""
+  os.replace(tmp, path)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> Dict[str, Any]:
+  """Writes `data` to `path` via a temporary name; returns its file record
+  {"sha256", "bytes"}."""
+  tmp = tmp_path(path)
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  commit(tmp, path)
+  return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True)
+                            + "\n").encode())
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """The JSON object in `path`, or None if it is absent or unreadable (a
+  record that cannot be read marks its files incomplete, never an error)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return obj if isinstance(obj, dict) else None
+
+
+def file_problem(path: str, record: Dict[str, Any],
+                 verify: bool) -> Optional[str]:
+  """Why the file at `path` does not match its record, or None if it does.
+
+  Args:
+    path: the file.
+    record: {"sha256", "bytes"} as written by write_bytes_atomic.
+    verify: also recompute the sha256 (else only the size is checked).
+  """
+  name = os.path.join(*path.split(os.sep)[-2:])
+  try:
+    size = os.path.getsize(path)
+  except OSError:
+    return f"{name} is missing"
+  if size != record.get("bytes"):
+    return f"{name} has {size} bytes, its record says {record.get('bytes')}"
+  if verify and sha256_file(path) != record.get("sha256"):
+    return f"{name} fails its sha256 checksum"
+  return None
+
+
+def chunks_problem(sdir: str, verify: bool) -> Optional[str]:
+  """Why a shard's chunk files are incomplete, or None if they are whole."""
+  record = read_json(os.path.join(sdir, CHUNKS_RECORD))
+  if record is None:
+    return f"{os.path.basename(sdir)}: chunks not written"
+  for fname in (TOKENS, DOC_IDS):
+    problem = file_problem(os.path.join(sdir, fname),
+                           record.get("files", {}).get(fname, {}), verify)
+    if problem:
+      return problem
+  return None
+
+
+def embeddings_problem(sdir: str, chunks_record: Dict[str, Any],
+                       verify: bool) -> Optional[str]:
+  """Why a shard's embeddings are missing, stale or corrupted, or None."""
+  record = read_json(os.path.join(sdir, EMBEDDINGS_RECORD))
+  name = os.path.basename(sdir)
+  if record is None:
+    return f"{name}: embeddings not written"
+  if record.get("tokens_sha256") != chunks_record["files"][TOKENS]["sha256"]:
+    return f"{name}: embeddings were computed from other tokens"
+  return file_problem(os.path.join(sdir, EMBEDDINGS), record.get("file", {}),
+                      verify)
+
+
+def remove_temporaries(sdir: str) -> List[str]:
+  """Deletes the temporary files a killed writer left in `sdir`."""
+  removed = []
+  if os.path.isdir(sdir):
+    for fname in os.listdir(sdir):
+      if TMP_MARK in fname:
+        os.remove(os.path.join(sdir, fname))
+        removed.append(fname)
+  return removed
+
+
+def describe(problems: List[str], limit: int = 8) -> str:
+  """A one-line list of problems, at most `limit` of them spelled out."""
+  more = len(problems) - limit
+  text = "; ".join(problems[:limit])
+  return text + (f"; and {more} more" if more > 0 else "")
