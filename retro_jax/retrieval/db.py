@@ -203,14 +203,14 @@ class RetrievalDB:
             f"{path} was built with the SentencePiece model of sha256 "
             f"{manifest['spm_model_sha256']}, {spm_path} has sha256 {have}")
     if embedder is not None:
+      given = embedder if isinstance(embedder, str) else (
+          f"{embedder.name!r} (fingerprint {embedder.fingerprint})")
       fp = embedder if isinstance(embedder, str) else embedder.fingerprint
-      name = None if isinstance(embedder, str) else embedder.name
       built = manifest["embedder"]
       if fp != built["fingerprint"]:
         raise ValueError(
             f"{path} was embedded with {built['name']!r} (fingerprint "
-            f"{built['fingerprint']}), the given embedder is {name!r} "
-            f"(fingerprint {fp})")
+            f"{built['fingerprint']}), the given embedder is {given}")
     arrays = {fmt.TOKENS: [], fmt.DOC_IDS: [], fmt.EMBEDDINGS: []}
     problems = []
     for shard in manifest["shards"]:
