@@ -1,0 +1,94 @@
+"""The DB build command end to end on a small slice of the standard library:
+real SentencePiece training, real BERT, real index, then a query."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from retro_jax.retrieval import db as dblib
+from retro_jax.retrieval import pipeline
+from retro_jax.retrieval.embedder import BertEmbedder
+
+MAX_BYTES = 40_000
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("build")
+  db_dir = str(root / "db")
+  embedder = BertEmbedder.load()
+  lines = []
+  summary = pipeline.build_database(
+      db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
+      str(root / "spm.model"), embedder, vocab_size=512,
+      spm_train_bytes=200_000, shard_chunks=100, log=lines.append)
+  return db_dir, embedder, summary, lines
+
+
+def test_summary_counts_match_the_db(built):
+  db_dir, _, summary, lines = built
+  db = dblib.RetrievalDB.open(db_dir)
+  assert summary["num_chunks"] == len(db) > 100
+  assert summary["recall_at_10"] == 1.0          # Exact index below 20k.
+  manifest = json.load(open(os.path.join(db_dir, "manifest.json")))
+  assert manifest["recall"]["recall_at_10"] == summary["recall_at_10"]
+  assert manifest["index"]["kind"] == summary["index_kind"] == "exact"
+  assert set(summary["seconds"]) >= {"vocabulary", "chunks", "embed",
+                                     "finalize", "index", "recall"}
+  assert any(line.startswith("index:") for line in lines)
+
+
+def test_query_returns_the_chunk_itself_first(built):
+  db_dir, embedder, _, _ = built
+  db = dblib.RetrievalDB.open(db_dir)
+  sp = pipeline.vocab.load(os.path.join(db_dir, "spm.model"))
+  rng = np.random.default_rng(0)
+  for chunk_id in rng.choice(len(db), 3, replace=False):
+    text = db.chunk_text(int(chunk_id), sp)
+    hits = pipeline.query(db_dir, text, embedder, k=3)
+    assert len(hits) == 3
+    assert hits[0]["text"] == text                # Its own chunk (or a twin).
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+
+
+def test_rerun_resumes_without_rework(built):
+  db_dir, embedder, summary, _ = built
+  again = pipeline.build_database(
+      db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
+      os.path.join(os.path.dirname(db_dir), "spm.model"), embedder,
+      vocab_size=512, shard_chunks=100, log=lambda _: None)
+  assert again["chunks"]["shards_written"] == 0
+  assert again["embed"]["chunks_embedded"] == 0
+  assert again["num_chunks"] == summary["num_chunks"]
+
+
+def test_unknown_stage_and_corpus_raise(built):
+  db_dir, embedder, _, _ = built
+  with pytest.raises(ValueError, match="unknown stages"):
+    pipeline.build_database(db_dir, lambda: [], "x.model", embedder,
+                            stages=("chunks", "train"))
+  with pytest.raises(ValueError, match="unknown corpus"):
+    pipeline.documents("wikipedia")
+
+
+def test_empty_corpus_raises(tmp_path):
+  with pytest.raises(ValueError, match="empty"):
+    pipeline.build_database(str(tmp_path / "db"), lambda: iter(()),
+                            str(tmp_path / "spm.model"), embedder=None,
+                            log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_query_command_prints_neighbours(built):
+  db_dir, _, _, _ = built
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
+       f"--db_dir={db_dir}", "--query=def main():", "--k=2"],
+      capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert out.stdout.count("--- chunk") == 2, out.stdout[-2000:]
