@@ -12,6 +12,7 @@ Inspect what the DB returns for a text:
 
 import json
 import os
+import resource
 
 from absl import app
 from absl import flags
@@ -53,6 +54,9 @@ def main(argv):
       shard_chunks=config.shard_chunks, shard_index=_SHARD.value,
       num_shards=_NUM_SHARDS.value, index_kind=config.index,
       recall_queries=config.recall_queries)
+  # ru_maxrss is in KiB on Linux.
+  summary["peak_rss_mb"] = round(
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   print("summary: " + json.dumps(summary, default=str))
 
 
