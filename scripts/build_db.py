@@ -45,15 +45,18 @@ def main(argv):
     return
   spm_path = config.spm_model or os.path.join(
       os.path.dirname(os.path.abspath(db_dir)), "spm.model")
+  skipped = {}   # Files the corpus reader skipped, by reason.
   summary = pipeline.build_database(
       db_dir,
-      lambda: pipeline.documents(config.corpus, config.max_bytes or None),
+      lambda: pipeline.documents(config.corpus, config.max_bytes or None,
+                                 skipped=skipped),
       spm_path, embedder,
       stages=pipeline.STAGES if _STAGE.value == "all" else (_STAGE.value,),
       vocab_size=config.vocab_size, spm_train_bytes=config.spm_train_bytes,
       shard_chunks=config.shard_chunks, shard_index=_SHARD.value,
       num_shards=_NUM_SHARDS.value, index_kind=config.index,
       recall_queries=config.recall_queries)
+  summary["corpus_files_skipped"] = skipped
   # ru_maxrss is in KiB on Linux.
   summary["peak_rss_mb"] = round(
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

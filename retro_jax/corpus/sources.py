@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 import sysconfig
-from typing import Iterator, Optional
+from typing import Iterator, MutableMapping, Optional
 
 SPLITS = ("train", "validation")
 
@@ -41,7 +41,9 @@ def stdlib_root() -> str:
 
 def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
                   validation_percent: int = 5,
-                  max_bytes: Optional[int] = None) -> Iterator[Document]:
+                  max_bytes: Optional[int] = None,
+                  skipped: Optional[MutableMapping[str, int]] = None
+                  ) -> Iterator[Document]:
   """Documents of the standard library's `.py` files, in sorted path order.
 
   Installed packages (site-packages) are not part of it. Files that are not
@@ -52,7 +54,13 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
     root: the library folder (default: this interpreter's).
     validation_percent: share of files held out for validation.
     max_bytes: stop after about this many bytes of text.
+    skipped: if given, counts skipped files by reason ("invalid_utf8",
+      "unreadable", "empty").
   """
+  def skip(reason):
+    if skipped is not None:
+      skipped[reason] = skipped.get(reason, 0) + 1
+
   if split is not None and split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
   root = root or stdlib_root()
@@ -72,9 +80,14 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
       try:
         with open(path, encoding="utf-8") as f:
           text = f.read()
-      except (UnicodeDecodeError, OSError):
+      except UnicodeDecodeError:
+        skip("invalid_utf8")
+        continue
+      except OSError:
+        skip("unreadable")
         continue
       if not text.strip():
+        skip("empty")
         continue
       yield Document(stable_id("stdlib:" + rel), text, "stdlib:" + rel)
       total += len(text.encode())

@@ -28,10 +28,13 @@ INDEX_DIR = "index"
 
 
 def documents(corpus: str, max_bytes: Optional[int] = None,
-              split: Optional[str] = None) -> Iterable[Document]:
-  """The documents of a named corpus (the embedded default: python_stdlib)."""
+              split: Optional[str] = None,
+              skipped: Optional[Dict[str, int]] = None) -> Iterable[Document]:
+  """The documents of a named corpus (the embedded default: python_stdlib);
+  files the reader skips are counted by reason in `skipped`."""
   if corpus == "python_stdlib":
-    return sources.python_stdlib(split=split, max_bytes=max_bytes)
+    return sources.python_stdlib(split=split, max_bytes=max_bytes,
+                                 skipped=skipped)
   raise ValueError(f"unknown corpus {corpus!r}; known: python_stdlib")
 
 
