@@ -92,3 +92,16 @@ def test_query_command_prints_neighbours(built):
       capture_output=True, text=True, cwd=REPO_ROOT, check=True,
       env=dict(os.environ, PYTHONPATH=REPO_ROOT))
   assert out.stdout.count("--- chunk") == 2, out.stdout[-2000:]
+
+
+def test_db_config_fields_reach_the_build():
+  """configs/db_stdlib.py loads and names only fields the script reads."""
+  import importlib.util
+  path = os.path.join(REPO_ROOT, "configs", "db_stdlib.py")
+  spec = importlib.util.spec_from_file_location("db_stdlib", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  script = open(os.path.join(REPO_ROOT, "scripts", "build_db.py")).read()
+  for field in config:
+    assert f"config.{field}" in script, f"{field} is never read"

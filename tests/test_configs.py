@@ -31,11 +31,16 @@ def _load(path):
   return module.get_config()
 
 
+# Experiment configs carry a `model` section; the others (e.g. the DB build)
+# are checked by the tests of the script that reads them.
+MODEL_CONFIGS = [p for p in CONFIGS if "model" in _load(p)]
+
+
 def test_there_are_configs():
-  assert CONFIGS, "no configs/*.py found"
+  assert MODEL_CONFIGS, "no configs/*.py with a model section found"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=os.path.basename)
 def test_config_builds_abstract_model(path):
   config = _load(path)
   cfg = RetroConfig.from_dict(config.model)
@@ -53,7 +58,7 @@ def test_config_builds_abstract_model(path):
     assert len(sharding.mesh_shape(dict(config.mesh), 8)) == 3
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=os.path.basename)
 def test_config_loads_through_config_flags(path):
   # Overrides reach the nested model section, as `--config.model.x=...`
   # does on a script's command line. config_flags finds override flags in
