@@ -215,7 +215,7 @@ class SelfAttention(hk.Module):
     pos = jnp.arange(x.shape[1])
     q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)  # [B, H, T, K]
     k = rope(qkv[1], pos, self.rope_base)  # [B, H, T, K]
-    v = qkv[2]  # [B, T, H, K]
+    v = qkv[2]  # [B, H, T, K]
     if self.causal:
       out = causal_attend(q, k, v, self.block)  # [B, H, T, K]
     else:
@@ -232,6 +232,10 @@ class ChunkedCrossAttention(hk.Module):
   neighbour tokens of chunk u. The output is shifted back, so the first m - 1
   positions receive nothing and causality holds: the neighbours of chunk u
   were retrieved with tokens that position u*m + m - 1 has already seen.
+
+  Relative positions (RoPE): a query's position is its offset in the shifted
+  chunk (0..m-1), a key's its offset in its own neighbour (0..r-1), so every
+  neighbour is seen from the same relative frame.
   """
 
   num_heads: int
