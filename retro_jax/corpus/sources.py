@@ -4,24 +4,53 @@ The embedded default corpus is the Python standard library's own `.py` files:
 present on every machine with Python, real text nobody here wrote. Its files
 are split into train / validation by a stable hash of their relative path, so
 the split never changes when files are added or the corpus is re-read.
+
+The other readers stream JSON lines (the Pile's `.jsonl.zst`, C4's
+`.json.gz`), text folders and prepared TFDS datasets. A document's id is a
+hash of its `source` (file and line, relative path, TFDS record id), the same
+on every machine and run. Bad input raises naming file and line, or is skipped
+and counted by reason: never silently dropped. `open_corpus` names a corpus in
+one string ("jsonl:/data/pile/*.jsonl.zst") for scripts and configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob as globlib
 import hashlib
+import json
 import os
 import sysconfig
-from typing import Iterator, MutableMapping, Optional
+import types
+from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
+                    MutableMapping, Optional, Sequence, Tuple, Union)
+
+from retro_jax.corpus import streams
 
 SPLITS = ("train", "validation")
+LAYOUTS = ("auto", "pile", "c4", "plain")
+_NOT_STDLIB = ("site-packages", "dist-packages", "__pycache__")
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  doc_id: int     # Stable 63-bit id (hash of the source and path).
+  """One document of a corpus; readers give doc_id == stable_id(source)."""
+  doc_id: int     # Stable 63-bit id.
   text: str
   source: str     # Where it came from, e.g. "stdlib:json/decoder.py".
+  # Read-only metadata kept for per-subset evaluation, e.g. the Pile's
+  # {"pile_set_name": "Github"} or C4's {"url": ...}. Left out of the hash so
+  # a Document stays hashable.
+  meta: Mapping[str, str] = dataclasses.field(
+      default_factory=lambda: types.MappingProxyType({}), hash=False)
+
+  def __post_init__(self):
+    if not isinstance(self.meta, types.MappingProxyType):
+      object.__setattr__(self, "meta", types.MappingProxyType(dict(self.meta)))
+
+  def __reduce__(self):
+    # A mappingproxy cannot be pickled (Beam pickles elements): send a dict.
+    return (Document, (self.doc_id, self.text, self.source, dict(self.meta)))
 
 
 def stable_id(key: str) -> int:
@@ -37,6 +66,58 @@ def split_of(key: str, validation_percent: int = 5) -> str:
 
 def stdlib_root() -> str:
   return sysconfig.get_paths()["stdlib"]
+
+
+def _count(skipped: Optional[MutableMapping[str, int]], reason: str):
+  if skipped is not None:
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
+def _check_split(split: Optional[str]):
+  if split is not None and split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
+
+
+def _until(max_bytes: Optional[int], docs: Iterable[Document]
+           ) -> Iterator[Document]:
+  """`docs` up to the first that brings their UTF-8 size to `max_bytes`."""
+  total = 0
+  for doc in docs:
+    yield doc
+    total += len(doc.text.encode())
+    if max_bytes is not None and total >= max_bytes:
+      return
+
+
+def _file_documents(root: str, keep_dir: Callable[[str], bool],
+                    keep_name: Callable[[str], bool], prefix: str,
+                    split: Optional[str], validation_percent: int,
+                    skipped: Optional[MutableMapping[str, int]]
+                    ) -> Iterator[Document]:
+  """One document per kept file under `root`, in sorted path order; the
+  source is `prefix` + the relative path, the split is by relative path."""
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
+    for name in sorted(filenames):
+      if not keep_name(name):
+        continue
+      path = os.path.join(dirpath, name)
+      rel = os.path.relpath(path, root).replace(os.sep, "/")
+      if split is not None and split_of(rel, validation_percent) != split:
+        continue
+      try:
+        with open(path, encoding="utf-8") as f:
+          text = f.read()
+      except UnicodeDecodeError:
+        _count(skipped, "invalid_utf8")
+        continue
+      except OSError:
+        _count(skipped, "unreadable")
+        continue
+      if not text.strip():
+        _count(skipped, "empty")
+        continue
+      yield Document(stable_id(prefix + rel), text, prefix + rel)
 
 
 def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
@@ -57,39 +138,266 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
     skipped: if given, counts skipped files by reason ("invalid_utf8",
       "unreadable", "empty").
   """
-  def skip(reason):
-    if skipped is not None:
-      skipped[reason] = skipped.get(reason, 0) + 1
-
-  if split is not None and split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
+  _check_split(split)
   root = root or stdlib_root()
   if not os.path.isdir(root):
     raise FileNotFoundError(f"standard library folder {root} does not exist")
-  total = 0
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in
-                         ("site-packages", "dist-packages", "__pycache__"))
-    for name in sorted(filenames):
-      if not name.endswith(".py"):
+  yield from _until(max_bytes, _file_documents(
+      root, lambda d: d not in _NOT_STDLIB,
+      lambda name: name.endswith(".py"), "stdlib:", split, validation_percent,
+      skipped))
+
+
+# --- JSON lines: plain, gzip, zstd (streams.py) --------------------------------
+
+def _expand(paths: Union[str, os.PathLike, Sequence]) -> list:
+  """Files matching `paths` (glob patterns or files), sorted per pattern."""
+  patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  files = {}  # Ordered; a file matched twice is read once.
+  for pattern in map(os.fspath, patterns):
+    # A file's own name may hold glob characters ("[", "*"): taken as is.
+    matched = [pattern] if os.path.isfile(pattern) else sorted(
+        p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not matched:
+      raise FileNotFoundError(f"no file matches {pattern!r}")
+    files.update(dict.fromkeys(matched))
+  return list(files)
+
+
+def _names(files: Sequence[str], root: Optional[str]) -> list:
+  """Machine-independent names of files: relative to `root`, or basenames."""
+  if root is not None:
+    names = [os.path.relpath(p, root).replace(os.sep, "/") for p in files]
+  else:
+    names = [os.path.basename(p) for p in files]
+  seen = {}
+  for path, name in zip(files, names):
+    if name in seen:  # Would give two documents the same id.
+      raise ValueError(f"{seen[name]} and {path} are both named {name!r}: "
+                       "pass root= so names keep their folders")
+    seen[name] = path
+  return names
+
+
+class _BadLine(Exception):
+  """A line that is no document: args are (reason, detail)."""
+
+
+def _scalars(fields: Mapping[str, Any], exclude=()) -> Dict[str, str]:
+  return {str(k): v if isinstance(v, str) else json.dumps(v)
+          for k, v in fields.items()
+          if k not in exclude and isinstance(v, (str, int, float, bool))}
+
+
+def _parse(line: bytes, text_field: str, layout: str
+           ) -> Tuple[str, Dict[str, str]]:
+  """(text, meta) of a line, or _BadLine naming what is wrong."""
+  try:
+    obj = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise _BadLine("invalid_utf8", f"invalid UTF-8 ({e.reason} at byte "
+                   f"{e.start})") from None
+  except json.JSONDecodeError as e:
+    raise _BadLine("malformed_json", f"malformed JSON ({e.msg} at column "
+                   f"{e.colno})") from None
+  if not isinstance(obj, dict) or text_field not in obj:
+    raise _BadLine("missing_text", f"no {text_field!r} field")
+  text = obj[text_field]
+  if not isinstance(text, str):
+    raise _BadLine("text_not_string", f"{text_field!r} is a "
+                   f"{type(text).__name__}, not a string")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:  # An escaped lone surrogate such as "\\udce9".
+    raise _BadLine("invalid_utf8", "text holds a lone surrogate") from None
+  if layout == "plain":
+    return text, {}
+  if layout == "c4":
+    c4 = {k: obj[k] for k in ("url", "timestamp") if k in obj}
+    return text, _scalars(c4)
+  nested = obj.get("meta")
+  nested = _scalars(nested) if isinstance(nested, dict) else {}
+  if layout == "pile":
+    return text, nested
+  return text, {**_scalars(obj, exclude=(text_field,)), **nested}
+
+
+def _jsonl_documents(files: Sequence[str], names: Sequence[str],
+                     text_field: str, layout: str, on_error: str,
+                     split: Optional[str], validation_percent: int,
+                     skipped: Optional[MutableMapping[str, int]]
+                     ) -> Iterator[Document]:
+  for path, name in zip(files, names):
+    lines = streams.lines(streams.decompressed_chunks(path))
+    for number, line in enumerate(lines, 1):
+      source = f"{name}:{number}"
+      # Filtering first keeps a small split cheap; a bad line is then reported
+      # by the split that owns it.
+      if split is not None and split_of(source, validation_percent) != split:
         continue
-      path = os.path.join(dirpath, name)
-      rel = os.path.relpath(path, root).replace(os.sep, "/")
-      if split is not None and split_of(rel, validation_percent) != split:
+      if not line.strip():
+        _count(skipped, "blank_line")
         continue
       try:
-        with open(path, encoding="utf-8") as f:
-          text = f.read()
-      except UnicodeDecodeError:
-        skip("invalid_utf8")
-        continue
-      except OSError:
-        skip("unreadable")
+        text, meta = _parse(line, text_field, layout)
+      except _BadLine as e:
+        reason, detail = e.args
+        if on_error == "raise":
+          raise ValueError(f"{path}, line {number}: {detail}") from None
+        _count(skipped, reason)
         continue
       if not text.strip():
-        skip("empty")
+        _count(skipped, "empty")
         continue
-      yield Document(stable_id("stdlib:" + rel), text, "stdlib:" + rel)
-      total += len(text.encode())
-      if max_bytes is not None and total >= max_bytes:
-        return
+      yield Document(stable_id(source), text, source, meta)
+
+
+def jsonl(paths: Union[str, os.PathLike, Sequence], text_field: str = "text",
+          layout: str = "auto",
+          skipped: Optional[MutableMapping[str, int]] = None,
+          on_error: str = "raise", split: Optional[str] = None,
+          root: Optional[str] = None, validation_percent: int = 5,
+          max_bytes: Optional[int] = None) -> Iterator[Document]:
+  """Documents of JSON-lines files, one JSON object per line, streamed.
+
+  `.zst` files are zstd (the Pile), `.gz` gzip (C4), others plain. A
+  document's source is "name:line" (1-based), its id `stable_id(source)`;
+  name is the path relative to `root`, else the basename (two files with one
+  basename raise). Bad lines raise ValueError naming file and line, or with
+  on_error="skip" are counted by reason: "malformed_json", "invalid_utf8"
+  (also an escaped lone surrogate), "missing_text", "text_not_string". Empty
+  texts and blank lines are always skipped ("empty", "blank_line"). A cut or
+  corrupt compressed file always raises ValueError naming it.
+
+  Args:
+    paths: a file or glob pattern ("**" recurses), or a sequence of them.
+    text_field: the field holding the text.
+    layout: which other fields become `Document.meta`: "pile" (the scalar
+      entries of "meta": pile_set_name), "c4" (url, timestamp), "plain"
+      (none) or "auto" (scalar top-level fields and "meta" entries).
+    skipped: if given, counts skipped lines by reason.
+    on_error: "raise" or "skip".
+    split: "train", "validation" (by `split_of(source)`) or None for all.
+    root: folder that file names are taken relative to.
+    validation_percent: share of lines held out for validation.
+    max_bytes: stop after about this many bytes of text.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; layouts are {LAYOUTS}")
+  if on_error not in ("raise", "skip"):
+    raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+  _check_split(split)
+  files = _expand(paths)
+  return _until(max_bytes, _jsonl_documents(
+      files, _names(files, root), text_field, layout, on_error, split,
+      validation_percent, skipped))
+
+
+# --- Folders of text files ----------------------------------------------------
+
+def text_folder(root: str, suffixes: Optional[Sequence[str]] = (".txt",),
+                split: Optional[str] = None, validation_percent: int = 5,
+                max_bytes: Optional[int] = None,
+                skipped: Optional[MutableMapping[str, int]] = None
+                ) -> Iterator[Document]:
+  """One document per file under `root`, in sorted path order.
+
+  A document's source is the file's path relative to `root` ("a/b.txt"), its
+  id `stable_id(source)`. Hidden files and folders (".git") are left out.
+
+  Args:
+    root: the folder.
+    suffixes: file name endings to read; None or () for every file.
+    split: "train", "validation" (by `split_of(source)`) or None for all.
+    validation_percent: share of files held out for validation.
+    max_bytes: stop after about this many bytes of text.
+    skipped: if given, counts skipped files by reason ("invalid_utf8",
+      "unreadable", "empty").
+  """
+  _check_split(split)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"text folder {root} does not exist")
+  suffixes = tuple(suffixes or ("",))  # Every name ends with "".
+  yield from _until(max_bytes, _file_documents(
+      root, lambda d: not d.startswith("."),
+      lambda name: not name.startswith(".") and name.endswith(suffixes), "",
+      split, validation_percent, skipped))
+
+
+# --- Prepared TFDS datasets ---------------------------------------------------
+
+def tfds_dataset(name: str, split: Optional[str] = "train",
+                 data_dir: Optional[str] = None, text_field: str = "text",
+                 max_bytes: Optional[int] = None,
+                 skipped: Optional[MutableMapping[str, int]] = None
+                 ) -> Iterator[Document]:
+  """Documents of an already prepared TFDS dataset, e.g. "c4/en:3.0.1".
+
+  Nothing is downloaded or prepared here. A document's source is
+  "tfds:<name/config/version>:<tfds_id>" (the record's file and position), so
+  ids do not depend on read order. The other text and scalar features (C4's
+  url, timestamp) become `Document.meta`.
+
+  Args:
+    name: the dataset, "name[/config][:version]".
+    split: a TFDS split ("train", "validation[:1%]"), or None for every split.
+    data_dir: where it was prepared (default: TFDS's, ~/tensorflow_datasets).
+    text_field: the feature holding the text.
+    max_bytes: stop after about this many bytes of text.
+    skipped: if given, counts skipped records ("invalid_utf8", "empty").
+  """
+  # TensorFlow takes seconds to import: only readers of TFDS pay for it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():  # Say so now, not at the first read.
+    raise FileNotFoundError(f"TFDS dataset {name} is not prepared in "
+                            f"{builder.data_dir}")
+  splits = [split] if split is not None else sorted(builder.info.splits)
+
+  def documents():
+    for one_split in splits:
+      dataset = builder.as_dataset(
+          split=one_split, shuffle_files=False,
+          read_config=tfds.ReadConfig(add_tfds_id=True))
+      for record in dataset.as_numpy_iterator():
+        try:
+          text = record[text_field].decode("utf-8")
+        except UnicodeDecodeError:
+          _count(skipped, "invalid_utf8")
+          continue
+        if not text.strip():
+          _count(skipped, "empty")
+          continue
+        source = f"tfds:{builder.info.full_name}:{record['tfds_id'].decode()}"
+        scalars = {k: v for k, v in record.items() if getattr(v, "ndim", 0) == 0
+                   and k not in (text_field, "tfds_id")}
+        meta = {k: v.decode("utf-8", "replace") if isinstance(v, bytes)
+                else str(v) for k, v in scalars.items()}
+        yield Document(stable_id(source), text, source, meta)
+
+  return _until(max_bytes, documents())
+
+
+# --- One string per corpus ----------------------------------------------------
+
+_KINDS: Dict[str, Callable[..., Iterator[Document]]] = {
+    "jsonl": jsonl, "textdir": text_folder, "tfds": tfds_dataset}
+KNOWN_SPECS = ("python_stdlib", "jsonl:<glob>", "textdir:<path>",
+               "tfds:<name>[:<version>]")
+
+
+def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
+  """The documents of a corpus named in one string, for scripts and configs.
+
+  "python_stdlib" is the embedded default; "jsonl:/data/pile/*.jsonl.zst",
+  "textdir:/data/books" and "tfds:c4/en:3.0.1" pass the rest of the string to
+  `jsonl`, `text_folder` and `tfds_dataset`. Keyword arguments (split,
+  max_bytes, skipped, data_dir, ...) go to the reader.
+  """
+  kind, sep, arg = spec.partition(":")
+  if spec == "python_stdlib":
+    return python_stdlib(**kwargs)
+  if kind in _KINDS and sep and arg:
+    return _KINDS[kind](arg, **kwargs)
+  raise ValueError(f"unknown corpus {spec!r}; known kinds: "
+                   f"{', '.join(KNOWN_SPECS)}")

@@ -30,12 +30,11 @@ INDEX_DIR = "index"
 def documents(corpus: str, max_bytes: Optional[int] = None,
               split: Optional[str] = None,
               skipped: Optional[Dict[str, int]] = None) -> Iterable[Document]:
-  """The documents of a named corpus (the embedded default: python_stdlib);
-  files the reader skips are counted by reason in `skipped`."""
-  if corpus == "python_stdlib":
-    return sources.python_stdlib(split=split, max_bytes=max_bytes,
-                                 skipped=skipped)
-  raise ValueError(f"unknown corpus {corpus!r}; known: python_stdlib")
+  """The documents of a corpus named as `sources.open_corpus` names them
+  ("python_stdlib", "jsonl:<glob>", "textdir:<path>", "tfds:<name>");
+  documents the reader skips are counted by reason in `skipped`."""
+  return sources.open_corpus(corpus, split=split, max_bytes=max_bytes,
+                             skipped=skipped)
 
 
 def vocabulary(spm_path: str, train_docs: Callable[[], Iterable[Document]],

@@ -1,0 +1,67 @@
+"""Streaming reads of plain, gzip and zstd files, and splitting into lines.
+
+Files are read a piece at a time (never whole in memory), and a truncated or
+corrupt compressed file raises a ValueError naming it instead of reading as a
+shorter corpus.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Iterable, Iterator
+
+_CHUNK_BYTES = 1 << 16  # Compressed bytes decompressed at a time.
+
+
+def zstd_chunks(path: str) -> Iterator[bytes]:
+  import zstandard  # pylint: disable=g-import-not-at-top
+  # Allow the long windows of `zstd --long=31`; memory grows only if used.
+  dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+  dobj, frames = None, 0
+  try:
+    with open(path, "rb") as f:
+      while data := f.read(_CHUNK_BYTES):
+        while data:  # A file may hold several frames, one after another.
+          if dobj is None:
+            dobj, frames = dctx.decompressobj(), frames + 1
+          out = dobj.decompress(data)
+          if out:
+            yield out
+          data, dobj = (dobj.unused_data, None) if dobj.eof else (b"", dobj)
+  except zstandard.ZstdError as e:
+    raise ValueError(f"{path}: corrupt zstd file ({e})") from e
+  # The decompressor reports no error at a cut: without this check a
+  # truncated file would read as a shorter corpus.
+  if dobj is not None or not frames:
+    raise ValueError(f"{path}: truncated zstd file (it ends inside a frame)")
+
+
+def decompressed_chunks(path: str) -> Iterator[bytes]:
+  """The bytes of `path` a piece at a time, decompressed by its suffix."""
+  if path.endswith(".zst"):
+    yield from zstd_chunks(path)
+    return
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      while data := f.read(_CHUNK_BYTES):
+        yield data
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f"{path}: truncated or corrupt gzip file ({e})") from e
+
+
+def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+  """Splits a byte stream at b"\\n" only (JSON text may hold U+2028 etc.)."""
+  pending = []  # Pieces of a line longer than a chunk: joined once, not grown.
+  for chunk in chunks:
+    parts = chunk.split(b"\n")
+    if len(parts) == 1:
+      pending.append(chunk)
+      continue
+    pending.append(parts[0])
+    yield b"".join(pending)
+    yield from parts[1:-1]
+    pending = [parts[-1]] if parts[-1] else []
+  if pending:
+    yield b"".join(pending)
