@@ -9,6 +9,7 @@ import pickle
 import pytest
 
 from retro_jax.corpus import sources
+from retro_jax.corpus import streams
 
 
 def _write(root, rel, data: bytes):
@@ -87,7 +88,7 @@ def test_pile_zst_keeps_subsets_and_stable_ids(tmp_path, monkeypatch):
   assert all(d.doc_id == sources.stable_id(d.source) for d in docs)
   assert len({d.doc_id for d in docs}) == 5
   # The same documents whatever the read size: lines and frames cut anywhere.
-  monkeypatch.setattr(sources, "_CHUNK_BYTES", 7)
+  monkeypatch.setattr(streams, "_CHUNK_BYTES", 7)
   assert list(sources.jsonl([str(path), str(tmp_path / "*.zst")])) == docs
   # Names are machine-independent: the same ids from another folder.
   moved = tmp_path / "elsewhere"
