@@ -85,7 +85,7 @@ def search_filtered(searcher: Searcher, queries: np.ndarray, k: int,
   dists = np.full((len(queries), k), np.inf, np.float32)  # [q, k]
   most = max((len(e) for e in exclude), default=0)
   fetch = min(searcher.n, max(4 * k, k + most))  # c, doubled on each pass.
-  todo = np.arange(len(queries))  # Queries still short of k.
+  todo = np.arange(len(queries) if searcher.n else 0)  # Still short of k.
   while len(todo):
     cand, cand_dists = searcher.search(queries[todo], fetch)  # [t, c]
     docs = np.zeros(cand.shape, np.int64)  # [t, c]
@@ -102,6 +102,7 @@ def search_filtered(searcher: Searcher, queries: np.ndarray, k: int,
 
 
 class Embedder(Protocol):
+  """What `Retriever` needs of an embedder (BertEmbedder has it)."""
 
   def embed(self, texts: Sequence[str]) -> np.ndarray:
     """float32 [q, D]."""
