@@ -10,7 +10,6 @@ Position t predicts token t + 1, so each sequence has N - 1 targets.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import haiku as hk
@@ -149,24 +148,9 @@ def jit_train_step(model: Retro, optimizer: optax.GradientTransformation,
                  donate_argnums=(0,))
 
 
-def init_sharded_state(model: Retro, optimizer, mesh, state_sharding,
+def init_sharded_state(model: Retro, optimizer, state_sharding,
                        rng: jax.Array, batch: Batch) -> TrainState:
   """Initialises the state directly in its sharding (never whole on one
   device)."""
   return jax.jit(lambda r, b: init_state(model, optimizer, r, b),
                  out_shardings=state_sharding)(rng, batch)
-
-
-def model_flops_per_step(model: Retro, batch: Batch) -> float:
-  """Training FLOPs of one step counted by XLA on the unsharded program
-  (forward + backward + optimizer), for MFU."""
-  params = jax.eval_shape(model.init, jax.random.key(0), batch["tokens"],
-                          batch.get("neighbours"))
-
-  def fwd_bwd(p, b):
-    return jax.grad(lambda q: loss_fn(model, q, b)[0])(p)
-
-  cost = jax.jit(fwd_bwd).lower(params, batch).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", math.nan))

@@ -114,7 +114,7 @@ class OurStep:
     _, state_sh, _ = train.state_shardings(self.model, self.optimizer,
                                            self.mesh, self.batch)
     self.state = train.init_sharded_state(
-        self.model, self.optimizer, self.mesh, state_sh,
+        self.model, self.optimizer, state_sh,
         jax.random.key(tc.seed), self.batch)
     self.step = train.jit_train_step(self.model, self.optimizer, self.mesh,
                                      state_sh, self.batch)

@@ -118,7 +118,7 @@ def main(argv):
 
   first = batch_at(np.arange(tc.batch_size), tokens, neighbours)
   _, state_sh, _ = train.state_shardings(model, optimizer, mesh, first)
-  state = train.init_sharded_state(model, optimizer, mesh, state_sh,
+  state = train.init_sharded_state(model, optimizer, state_sh,
                                    jax.random.key(tc.seed), first)
   step_fn = train.jit_train_step(model, optimizer, mesh, state_sh, first)
   log(f"model: {retro_jax.count_params(state.params):,} parameters, "

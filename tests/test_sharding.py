@@ -110,7 +110,7 @@ def _one_step(problem, mesh):
   _, state_sh, unmatched = train.state_shardings(model, optimizer, mesh, batch,
                                                  strict=True)
   assert unmatched == []
-  state = train.init_sharded_state(model, optimizer, mesh, state_sh,
+  state = train.init_sharded_state(model, optimizer, state_sh,
                                    jax.random.key(0), batch)
   init = jax.device_get(state.params)
   step = train.jit_train_step(model, optimizer, mesh, state_sh, batch)
