@@ -222,6 +222,35 @@ class SelfAttention(hk.Module):
       out = attend(q, k, v, key_valid=key_valid)  # [B, H, T, K]
     return dense(heads_last(out), w_o, 2)  # [B, T, D]
 
+  def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array,
+             v_cache: jax.Array):
+    """One causal step against a key/value cache (same parameters).
+
+    Args:
+      x: [B, 1, D] the normalised activation of the token at `pos`.
+      pos: int32 scalar, its position.
+      k_cache, v_cache: [B, H, T, K] keys (RoPE applied) and values of
+        positions 0..pos-1; T is the cache's capacity.
+    Returns:
+      ([B, 1, D] output, k_cache, v_cache with position `pos` written).
+    """
+    d, h, kd = x.shape[-1], self.num_heads, self.head_dim
+    w_qkv = param("w_qkv", [d, 3, h, kd], d, x.dtype)  # [D, 3, H, K]
+    w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    qkv = heads_first(dense(x, w_qkv), groups=3)  # [3, B, H, 1, K]
+    at = jnp.reshape(pos, (1,))
+    q = rope(qkv[0], at, self.rope_base) * (kd ** -0.5)  # [B, H, 1, K]
+    k = rope(qkv[1], at, self.rope_base)  # [B, H, 1, K]
+    start = (0, 0, pos, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                           start)  # [B, H, T, K]
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, qkv[2].astype(v_cache.dtype), start)  # [B, H, T, K]
+    seen = jnp.arange(k_cache.shape[2]) <= pos  # [T]
+    out = attend(q, k_cache.astype(x.dtype), v_cache.astype(x.dtype),
+                 key_valid=seen)  # [B, H, 1, K]
+    return dense(heads_last(out), w_o, 2), k_cache, v_cache  # [B, 1, D]
+
 
 @dataclasses.dataclass
 class ChunkedCrossAttention(hk.Module):
@@ -275,6 +304,49 @@ class ChunkedCrossAttention(hk.Module):
     out = dense(heads_last(out), w_o, 2)  # [B, L, m, D]
     out = out.reshape(b, n, d)[:, :n - m + 1]  # [B, N-m+1, D]
     return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))  # [B, N, D]
+
+  def decode_memory(self, encoded: jax.Array, neighbour_valid: jax.Array):
+    """Keys and values of one chunk's encoded neighbours, for `decode`.
+
+    Args:
+      encoded: [B, k, r, E] the encoded neighbours of the latest chunk.
+      neighbour_valid: bool [B, k, r].
+    Returns:
+      (keys [B, H, kr, K] with RoPE, values [B, H, kr, K], valid [B, kr]).
+    """
+    b, nk, r, e = encoded.shape
+    h, kd = self.num_heads, self.head_dim
+    w_kv = param("w_kv", [e, 2, h, kd], e, encoded.dtype)  # [E, 2, H, K]
+    mem = encoded.reshape(b, nk * r, e)  # [B, kr, E]
+    kv = heads_first(dense(mem, w_kv), groups=2)  # [2, B, H, kr, K]
+    keys = rope(kv[0], jnp.tile(jnp.arange(r), nk), self.rope_base)
+    return keys, kv[1], neighbour_valid.reshape(b, nk * r)
+
+  def decode(self, x: jax.Array, pos: jax.Array, keys: jax.Array,
+             values: jax.Array, valid: jax.Array) -> jax.Array:
+    """CCA of the single token at `pos` (same parameters as `__call__`).
+
+    Position p attends to the neighbours of chunk (p - m + 1) // m, at query
+    offset (p + 1) % m; `keys`/`values` must be that chunk's `decode_memory`
+    (all-invalid before the first chunk completes: the output is then 0).
+
+    Args:
+      x: [B, 1, D] normalised decoder activation.
+      pos: int32 scalar.
+      keys, values: [B, H, kr, K]; valid: bool [B, kr].
+    Returns:
+      [B, 1, D] to add to the residual stream.
+    """
+    d, m = x.shape[-1], self.chunk_size
+    h, kd = self.num_heads, self.head_dim
+    w_q = param("w_q", [d, h, kd], d, x.dtype)  # [D, H, K]
+    w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    q = heads_first(dense(x, w_q))  # [B, H, 1, K]
+    offset = jnp.reshape((pos + 1) % m, (1,))
+    q = rope(q, offset, self.rope_base) * (kd ** -0.5)  # [B, H, 1, K]
+    valid = valid & (pos >= m - 1)  # [B, kr]
+    out = attend(q, keys, values, key_valid=valid)  # [B, H, 1, K]
+    return dense(heads_last(out), w_o, 2)  # [B, 1, D]
 
 
 @dataclasses.dataclass

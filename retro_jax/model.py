@@ -133,6 +133,25 @@ def _remat(cfg: RetroConfig, fn):
   return hk.remat(fn, policy=policy)
 
 
+def embed_neighbours(cfg: RetroConfig, table: jax.Array,
+                     neighbours: jax.Array) -> jax.Array:
+  """Encoder input [..., r, E] of neighbour ids [..., r]: the decoder's
+  embedding table [V, D] (projected to E if the widths differ) or the
+  encoder's own table. Call at the top level of the transformed function."""
+  dtype = table.dtype
+  if cfg.share_embeddings:
+    nb = table[neighbours]  # [..., r, D]
+    if cfg.enc_d_model != cfg.d_model:
+      with hk.experimental.name_scope("enc_embed_proj"):
+        w = attention.param("w", [cfg.d_model, cfg.enc_d_model],
+                             cfg.d_model, dtype)  # [D, E]
+      nb = attention.dense(nb, w)  # [..., r, E]
+    return nb
+  return hk.Embed(cfg.vocab_size, cfg.enc_d_model, name="enc_embed",
+                  w_init=hk.initializers.TruncatedNormal(1.0)
+                  )(neighbours).astype(dtype)  # [..., r, E]
+
+
 def _forward(cfg: RetroConfig, tokens: jax.Array,
              neighbours: Optional[jax.Array]) -> jax.Array:
   """Logits [B, N, V] (float32) of tokens [B, N] given neighbours [B, L, k, r]."""
@@ -145,17 +164,7 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
   retrieve = neighbours is not None and cfg.has_retrieval
   if retrieve:
     valid = neighbours != PAD_ID  # [B, L, k, r]
-    if cfg.share_embeddings:
-      nb = table[neighbours]  # [B, L, k, r, D]
-      if cfg.enc_d_model != cfg.d_model:
-        with hk.experimental.name_scope("enc_embed_proj"):
-          w = attention.param("w", [cfg.d_model, cfg.enc_d_model],
-                               cfg.d_model, dtype)  # [D, E]
-        nb = attention.dense(nb, w)  # [B, L, k, r, E]
-    else:
-      nb = hk.Embed(cfg.vocab_size, cfg.enc_d_model, name="enc_embed",
-                    w_init=hk.initializers.TruncatedNormal(1.0)
-                    )(neighbours).astype(dtype)  # [B, L, k, r, E]
+    nb = embed_neighbours(cfg, table, neighbours)  # [B, L, k, r, E]
 
   def self_attention_block(x):                                  # [B, N, D]
     h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
