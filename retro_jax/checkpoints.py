@@ -1,0 +1,221 @@
+"""Checkpoints of training runs: orbax CheckpointManager, run config, resume.
+
+A run's workdir holds:
+
+  config.json               the full run config (ml_collections, as JSON),
+                            written at start; evaluation and sampling read it.
+  checkpoints/<step>/       one orbax checkpoint per saved step, items:
+      params                the Haiku params tree (float32, sharded arrays)
+      train                 {"opt_state": optax state, "step": int32 []}
+      data_position         JSON {"step": s, "source": ..., "seed": ...}
+      config                JSON, the run config at save time
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a run killed mid-save (even `kill -9`) leaves the previous checkpoints
+intact and the next start sees only complete ones. Restores take a target
+tree of `jax.ShapeDtypeStruct`s with shardings, so a checkpoint saved on one
+mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# -- run config -----------------------------------------------------------------
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """Writes the run config to `workdir/config.json` (process 0 only; write to
+  a temporary name, then rename). Returns the path."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
+  return path
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run config saved by `save_run_config` (ConfigDict)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no run config; is {workdir} the workdir "
+                            f"of a training run?")
+  with open(path) as f:
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return ml_collections.ConfigDict(values)
+
+
+def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
+  """Model fields whose values differ (lists and tuples compare equal)."""
+  def norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+  keys = sorted(set(saved) | set(current))
+  return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+          for k in keys if norm(saved.get(k)) != norm(current.get(k))]
+
+
+def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if `workdir` holds a run of another architecture.
+
+  Compares `config.model` with the saved run config (if any); training
+  fields (steps, learning rate, ...) may change between restarts.
+  """
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return
+  saved = load_run_config(workdir)
+  diffs = model_differences(saved.model.to_dict(), config.model.to_dict())
+  if diffs:
+    raise ValueError(
+        f"{os.path.join(workdir, CONFIG_FILE)} describes another model "
+        f"architecture than this run's config.model; differing fields: "
+        f"{'; '.join(diffs)}. Use a new --workdir, or the saved config.")
+
+
+# -- checkpoints ------------------------------------------------------------------
+class Checkpointer:
+  """Saves and restores train states (+ data position) under
+  `workdir/checkpoints`, every `save_every` steps, keeping the last `keep`.
+
+  `state` is a `train.TrainState` (params, opt_state, step) or anything with
+  those three fields.
+  """
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int,
+               async_save: bool = True,
+               config: Optional[ml_collections.ConfigDict] = None):
+    if save_every < 1:
+      raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
+    if keep < 1:
+      raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.config = config
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    """Step of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_position: Dict[str, Any],
+           force: bool = False) -> bool:
+    """Starts saving `state` at `step` if it is a save step (or `force`);
+    returns whether a save started. Asynchronous: see `wait`."""
+    items = dict(
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave({"opt_state": state.opt_state,
+                                     "step": state.step}),
+        data_position=ocp.args.JsonSave(dict(data_position)))
+    if self.config is not None:
+      items["config"] = ocp.args.JsonSave(
+          json.loads(self.config.to_json_best_effort()))
+    return self._manager.save(int(step), args=ocp.args.Composite(**items),
+                              force=force)
+
+  def restore(self, abstract_state, step: Optional[int] = None
+              ) -> Tuple[Any, Dict[str, Any]]:
+    """Restores (state, data_position) at `step` (default: latest).
+
+    Args:
+      abstract_state: a TrainState of `jax.ShapeDtypeStruct`s carrying the
+        target shardings (any mesh), e.g. from `abstract_with_shardings`.
+    """
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        train=ocp.args.StandardRestore({"opt_state": abstract_state.opt_state,
+                                        "step": abstract_state.step}),
+        data_position=ocp.args.JsonRestore()))
+    train = restored["train"]
+    state = type(abstract_state)(restored["params"], train["opt_state"],
+                                 train["step"])
+    return state, dict(restored["data_position"])
+
+  def saved_config(self, step: Optional[int] = None
+                   ) -> Optional[ml_collections.ConfigDict]:
+    """The run config stored with a checkpoint (None if none stored)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    path = os.path.join(self.directory, str(step), "config")
+    if not os.path.exists(path):
+      return None
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored["config"])
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract, shardings):
+  """Tree of ShapeDtypeStructs carrying `shardings` (a restore target)."""
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+# -- params only (evaluation, sampling, RETROfit) ------------------------------------
+def restore_params(workdir: str, step: Optional[int] = None, mesh=None
+                   ) -> Tuple[ml_collections.ConfigDict, Any, int]:
+  """(run config, params, step) of a run's checkpoint (latest unless `step`).
+
+  Only the params item is read. With `mesh`, params are placed with the
+  parameter sharding rules of `retro_jax.sharding`; else on one device.
+  Shapes come from the checkpoint's own metadata, so no model is built.
+  """
+  config = load_run_config(workdir)
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True,
+                                                      create=False))
+  try:
+    step = manager.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; "
+                              f"steps: {sorted(manager.all_steps())}")
+    meta = manager.item_metadata(step)["params"]
+    meta = getattr(meta, "tree", meta)
+    if mesh is not None:
+      # pylint: disable-next=g-import-not-at-top
+      from retro_jax import sharding  # The parameter rules (jax only).
+      specs, _ = sharding.param_specs(meta, mesh)
+      shardings = sharding.named(mesh, specs)
+    else:
+      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree_util.tree_map(lambda _: one, meta)
+    target = jax.tree_util.tree_map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        meta, shardings)
+    params = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+  finally:
+    manager.close()
+  return config, params, step

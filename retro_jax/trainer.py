@@ -1,0 +1,282 @@
+"""The training loop: mesh, sharded state, resume, checkpoints, metrics.
+
+`train(config, workdir)` is the whole job `scripts/train.py` runs, the same on
+one CPU, one TPU VM or a multi-host pod slice (every host runs it; each reads
+its own data shard; process 0 writes metrics):
+
+  check config, workdir and mesh (errors before any compute)
+  ─► abstract state + shardings (jax.eval_shape; nothing allocated)
+  ─► restore the latest checkpoint onto this mesh, or initialise in place
+     (jitted init with out_shardings), RETROfit: graft a baseline's weights
+  ─► loop: host batch ─► global array ─► jitted step (state donated)
+     metrics one step behind (the device never waits for the host), NaN/inf
+     stops the run, checkpoints every N steps, SIGTERM saves and returns
+  ─► final checkpoint.
+
+Resume is exact: batches are a function of the step, the state is restored
+bit for bit, so a restarted run replays the same computation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from retro_jax import checkpoints
+from retro_jax import data_source
+from retro_jax import flops
+from retro_jax import progress
+from retro_jax import retrofit
+from retro_jax import sharding
+from retro_jax import train as train_lib
+from retro_jax.config import RetroConfig
+from retro_jax.model import Retro
+
+# Fields every training config must have, by section (see configs/tiny.py).
+REQUIRED = {
+    "train": ("batch_size", "seq_len", "steps", "total_steps",
+              "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay",
+              "b2", "clip_norm", "accum_steps", "trainable", "init_from",
+              "seed", "log_every", "peak_flops"),
+    "checkpoint": ("every", "keep", "async_save"),
+    "data": ("source",),
+    "mesh": ("data", "fsdp", "model"),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN or inf; the run stopped."""
+
+
+class Preempted(Exception):
+  """Internal: a SIGTERM arrived."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming missing config sections or fields."""
+  missing = []
+  for section, fields in REQUIRED.items():
+    if section not in config:
+      missing.append(f"config.{section}")
+      continue
+    missing += [f"config.{section}.{f}" for f in fields
+                if f not in config[section]]
+  if "model" not in config:
+    missing.append("config.model")
+  if missing:
+    raise ValueError(f"the training config lacks {', '.join(missing)} "
+                     f"(see configs/tiny.py for every field)")
+  tc = config.train
+  if tc.trainable not in train_lib.TRAINABLE:
+    raise ValueError(f"config.train.trainable must be one of "
+                     f"{train_lib.TRAINABLE}, got {tc.trainable!r}")
+  if tc.steps < 1 or tc.log_every < 1:
+    raise ValueError("config.train.steps and log_every must be >= 1")
+
+
+def abstract_batch(cfg: RetroConfig, batch_size: int, seq_len: int):
+  """ShapeDtypeStructs of one global batch."""
+  if seq_len % cfg.chunk_size:
+    raise ValueError(f"config.train.seq_len={seq_len} is not a multiple of "
+                     f"the chunk size {cfg.chunk_size}")
+  l = seq_len // cfg.chunk_size
+  i32 = jnp.int32
+  return {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
+          "neighbours": jax.ShapeDtypeStruct(
+              (batch_size, l, cfg.num_neighbours, cfg.neighbour_len), i32),
+          "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), i32)}
+
+
+def _check_checkpoint_model(ckpt: checkpoints.Checkpointer,
+                            config: ml_collections.ConfigDict) -> None:
+  saved = ckpt.saved_config()
+  if saved is None or "model" not in saved:
+    return
+  diffs = checkpoints.model_differences(saved.model.to_dict(),
+                                        config.model.to_dict())
+  if diffs:
+    raise ValueError(f"the checkpoint in {ckpt.directory} (step "
+                     f"{ckpt.latest_step()}) is of another model "
+                     f"architecture: {'; '.join(diffs)}")
+
+
+def _retrofit_params(config, model_cfg: RetroConfig, params, param_sharding,
+                     mesh):
+  """`params` with the non-retrieval weights of `train.init_from`."""
+  base_dir = config.train.init_from
+  if not base_dir:
+    raise ValueError("config.train.trainable='retrieval' (RETROfit) needs "
+                     "config.train.init_from: the workdir of a trained "
+                     "baseline (no-CCA) run")
+  base_config = checkpoints.load_run_config(base_dir)
+  retrofit.check_baseline(RetroConfig.from_dict(base_config.model), model_cfg)
+  _, base_params, base_step = checkpoints.restore_params(base_dir, mesh=mesh)
+  logging.info("RETROfit: baseline weights from %s step %d", base_dir,
+               base_step)
+  return jax.jit(retrofit.graft, out_shardings=param_sharding)(params,
+                                                               base_params)
+
+
+class _SigtermFlag:
+  """Records SIGTERM (preemption) while installed; restores the old
+  handler on exit."""
+
+  def __init__(self):
+    self.raised = False
+    self._old = None
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.raised = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._old)
+
+  def stop_now(self, step: int) -> bool:
+    if jax.process_count() > 1:   # All hosts stop at the same step.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return multihost_utils.reached_preemption_sync_point(step) or \
+            self.raised
+      except Exception:  # pylint: disable=broad-except
+        pass
+    return self.raised
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          source: Optional[data_source.DataSource] = None
+          ) -> Dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns a summary dict:
+  step, last logged metrics, status ("done" | "preempted"), state."""
+  check_config(config)
+  checkpoints.check_same_model(workdir, config)
+  cfg = RetroConfig.from_dict(config.model)
+  tc, cc = config.train, config.checkpoint
+  mesh = sharding.make_mesh(dict(config.mesh))
+  train_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
+  if tc.batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={tc.batch_size} does not "
+                     f"divide over {jax.process_count()} hosts")
+  batch_abs = abstract_batch(cfg, tc.batch_size, tc.seq_len)
+  source = source or data_source.make_source(config)
+
+  model = Retro(cfg)
+  schedule = train_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
+                                 tc.total_steps, tc.end_lr_ratio)
+  optimizer = train_lib.make_optimizer(
+      tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.end_lr_ratio,
+      weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
+  abstract, state_sh, _ = train_lib.state_shardings(
+      model, optimizer, mesh, batch_abs, trainable=tc.trainable)
+
+  ckpt = checkpoints.Checkpointer(workdir, save_every=cc.every, keep=cc.keep,
+                                  async_save=cc.async_save, config=config)
+  start = ckpt.latest_step()
+  if start is not None:
+    _check_checkpoint_model(ckpt, config)
+    state, position = ckpt.restore(
+        checkpoints.abstract_with_shardings(abstract, state_sh))
+    if position.get("source") != config.data.source:
+      logging.warning("checkpoint data position %s was saved with another "
+                      "data source than %s", position, config.data.source)
+    start = int(position["step"])
+    logging.info("resumed from %s step %d", ckpt.directory, start)
+  else:
+    start = 0
+    with jax.set_mesh(mesh):
+      def init(rng):   # Zero inputs built inside: only shapes matter.
+        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_abs.items()}
+        return train_lib.init_state(model, optimizer, rng, zeros, tc.trainable)
+      state = jax.jit(init, out_shardings=state_sh)(jax.random.key(tc.seed))
+      if tc.trainable == "retrieval":
+        state = state._replace(params=_retrofit_params(
+            config, cfg, state.params, state_sh.params, mesh))
+  checkpoints.save_run_config(workdir, config)
+
+  if jax.process_index() == 0:
+    n_params = sum(math.prod(x.shape) for x in
+                   jax.tree_util.tree_leaves(abstract.params))
+    print(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)} over "
+          f"{jax.device_count()} devices / {jax.process_count()} hosts; "
+          f"start step {start} of {tc.steps}", flush=True)
+
+  step_fn = train_lib.jit_train_step(model, optimizer, mesh, state_sh, batch_abs,
+                                 tc.trainable, tc.accum_steps)
+  logger = progress.MetricsLogger(
+      workdir, total_steps=tc.steps,
+      tokens_per_step=tc.batch_size * tc.seq_len,
+      flops_per_step=flops.train_flops(cfg, tc.batch_size,
+                                       tc.seq_len)["total"],
+      peak_flops=progress.device_peak_flops(tc.peak_flops),
+      num_devices=jax.device_count(), schedule=schedule)
+  summary = {"status": "done", "metrics": {}}
+  step = start
+  try:
+    with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
+      batches = source(start)
+      pending = None   # (step, device metrics) of the previous step.
+
+      def settle(item):
+        """Fetches a step's metrics; raises on NaN or inf."""
+        at, metrics = item
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(host["loss"]) and
+                math.isfinite(host["grad_norm"])):
+          last = ckpt.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite loss {host['loss']} / grad norm "
+              f"{host['grad_norm']} at step {at}: stopping. The last good "
+              f"checkpoint is step {last} in {ckpt.directory}"
+              if last is not None else
+              f"non-finite loss {host['loss']} at step {at}: stopping "
+              f"(no checkpoint was saved yet)")
+        logger.add(host)
+        if at % tc.log_every == 0 or at == tc.steps:
+          summary["metrics"] = logger.write(at)
+
+      while step < tc.steps:
+        host_batch = next(batches)
+        batch = sharding.global_batch(
+            {k: host_batch[k] for k in batch_abs}, mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          settle(pending)
+        pending = (step, metrics)
+        if step == start + 1:
+          jax.block_until_ready(metrics)
+          logger.start_timer(step)   # Exclude compilation from throughput.
+        stop = sigterm.stop_now(step)
+        if stop or step == tc.steps or step % cc.every == 0:
+          settle(pending)            # Never checkpoint a non-finite state.
+          pending = None
+          ckpt.save(step, state, data_source.data_position(config, step),
+                    force=stop or step == tc.steps)
+        if stop:
+          summary["status"] = "preempted"
+          print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting",
+                flush=True)
+          break
+      if pending is not None:
+        settle(pending)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    logger.close()
+  summary.update(step=step, state=state)
+  return summary
+
+
+def host_params(state) -> Dict[str, Dict[str, np.ndarray]]:
+  """Params of a state as host numpy arrays (tests, comparisons)."""
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
