@@ -56,3 +56,14 @@ def load(model_path: str) -> spm.SentencePieceProcessor:
   except (RuntimeError, OSError) as e:
     raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from e
   return proc
+
+
+def seqio_vocabulary(model_path: str):
+  """`model_path` as a `seqio.SentencePieceVocabulary` (for seqio Tasks).
+
+  The file is checked by `load` first, so a missing or broken model names
+  the file instead of failing later inside a tf.data pipeline.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top  # seqio pulls in TF.
+  load(model_path)
+  return seqio.SentencePieceVocabulary(model_path)

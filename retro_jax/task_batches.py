@@ -1,0 +1,182 @@
+"""Online input: numpy batches from a RETRO Task's cached split.
+
+The neighbours were precomputed offline (task_cache.py); online there is only
+reading, shuffling and batching. `batches` is what the training loop and
+evaluation iterate:
+
+  for batch in batches("retro_stdlib", "train", batch_size=8,
+                       cache_dir="/data/cache", seed=0, start_step=step):
+    batch["tokens"]      # int32 [b, n]
+    batch["neighbours"]  # int32 [b, L, k, r]
+    batch["loss_mask"]   # int32 [b, n]
+
+Hosts: host i of h reads its shard (`seqio.ShardInfo(i, h)`: whole record
+files when the cache has at least h of them, else every h-th example) and
+yields b = batch_size / h sequences per step.
+
+Order: epoch e of a host's shard is seqio's shuffle of it with seed
+`epoch_seed(seed, e)` (files and a 10k-example buffer), so every epoch is
+reshuffled and the stream is a pure function of (cache, seed, host). Epochs
+are concatenated example by example (a batch may straddle two epochs) and
+every host yields batches forever, whatever its shard's size. Resuming at
+step s starts at example s * b of that stream: the epoch is found by
+arithmetic, and only the examples before the position within that epoch are
+read and skipped, so a resumed run yields exactly what an uninterrupted run
+yields from step s.
+
+Evaluation (`repeat=False, shuffle=False`): every example of the shard once,
+in file order; the last partial batch is padded to b rows with tokens 0,
+neighbours 0, loss_mask 0 (and doc_ids -1), so shapes stay static for jit.
+
+Shape glossary:
+  b: sequences per host batch.   n: tokens per sequence.   L = n / m.
+  k: neighbours.                 r: tokens per neighbour.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Iterator, Union
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from retro_jax import task_cache
+from retro_jax.feature_converter import RetroFeatureConverter
+
+_READ_BLOCK = 256  # Examples per tf.data -> numpy transfer.
+_SHARD_SIZES: Dict[tuple, int] = {}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The shuffle seed of `epoch` (distinct per (seed, epoch), 31 bits)."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
+             >> 1)
+
+
+def _shard_info(shard_index: int, num_shards: int):
+  return seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+
+
+def _epoch(task: seqio.Task, split: str, converter: RetroFeatureConverter,
+           lengths, *, shuffle: bool, seed: int, epoch: int, shard_index: int,
+           num_shards: int, skip: int) -> Iterator[Dict[str, np.ndarray]]:
+  """Blocks of up to _READ_BLOCK examples of one epoch, after `skip`."""
+  ds = task.get_dataset(
+      sequence_length=None, split=split, use_cached=True, shuffle=shuffle,
+      seed=epoch_seed(seed, epoch) if shuffle else None,
+      shard_info=_shard_info(shard_index, num_shards), num_epochs=1,
+      trim_output_features=False, try_in_mem_cache=False)
+  ds = converter(ds, lengths).skip(skip).batch(_READ_BLOCK)
+  yield from ds.as_numpy_iterator()
+
+
+def _shard_size(task: seqio.Task, split: str, directory: str,
+                shard_index: int, num_shards: int, total: int) -> int:
+  """Examples in this host's shard (counted once per process if seqio
+  shards by file, arithmetic if it shards by example)."""
+  key = (directory, split, shard_index, num_shards)
+  if key not in _SHARD_SIZES:
+    files = task._get_cached_source(split).list_shards(split)  # pylint: disable=protected-access
+    if num_shards == 1:
+      size = total
+    elif len(files) < num_shards:  # seqio shards by example.
+      size = len(range(shard_index, total, num_shards))
+    else:  # By file: count the records of this host's files.
+      mine = files[shard_index::num_shards]
+      size = int(tf.data.TFRecordDataset(mine).reduce(
+          np.int64(0), lambda c, _: c + 1))
+    _SHARD_SIZES[key] = size
+  return _SHARD_SIZES[key]
+
+
+def _pad(block: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+  """`block` padded with `rows` empty examples (pad ids, mask 0, doc -1)."""
+  out = {}
+  for key, value in block.items():
+    fill = -1 if key == "doc_ids" else 0
+    pad = np.full((rows,) + value.shape[1:], fill, value.dtype)
+    out[key] = np.concatenate([value, pad])
+  return out
+
+
+def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
+            cache_dir: str, seed: int = 0, shard_index: int = 0,
+            num_shards: int = 1, start_step: int = 0, shuffle: bool = True,
+            repeat: bool = True, with_doc_ids: bool = False
+            ) -> Iterator[Dict[str, np.ndarray]]:
+  """This host's batches of a cached split, as numpy.
+
+  Args:
+    task: a registered RETRO Task or its name.
+    split: a cached split.
+    batch_size: the global batch; this host yields batch_size / num_shards.
+    cache_dir: the cache root given to `cache_task`.
+    seed: the data seed (epoch e is shuffled with epoch_seed(seed, e)).
+    shard_index, num_shards: this host and the host count.
+    start_step: the first step to yield (resume).
+    shuffle: shuffle each epoch (False: file order).
+    repeat: cycle epochs forever (False: one pass, last batch padded).
+    with_doc_ids: also yield doc_ids int64 [b, n].
+  Yields:
+    {tokens int32 [b, n], neighbours int32 [b, L, k, r], loss_mask int32
+    [b, n]} (+ doc_ids).
+  Raises:
+    IncompleteCacheError: the split is not completely cached (the message
+      names the directory and the command to run).
+    ValueError: batch_size does not split over the hosts, or a host's
+      shard is empty.
+  """
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  directory = task_cache.require_complete(task.name, cache_dir, (split,))
+  # The directory was checked complete: point the Task at it, whatever
+  # other cache directories seqio knows of.
+  task._cache_dir = directory  # pylint: disable=protected-access
+  task._stats.pop(split, None)  # pylint: disable=protected-access
+  if batch_size % num_shards:
+    raise ValueError(f"batch size {batch_size} does not split over "
+                     f"{num_shards} hosts")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+  b = batch_size // num_shards
+  total = int(task.get_cached_stats(split)["examples"])
+  size = _shard_size(task, split, directory, shard_index, num_shards, total)
+  if size == 0:
+    raise ValueError(f"host {shard_index} of {num_shards} has no example of "
+                     f"{task.name}:{split} ({total} in all)")
+  converter = RetroFeatureConverter(with_doc_ids=with_doc_ids)
+  spec = task_cache.TASK_SPECS.get(task.name, {})
+  n = spec.get("seq_len") or _first_length(task, split)
+  lengths = converter.task_feature_lengths(n)
+
+  offset = start_step * b
+  first_epoch, skip = (offset // size, offset % size) if repeat else (0,
+                                                                      offset)
+  epochs = itertools.count(first_epoch) if repeat else [0]
+
+  def blocks():
+    for i, epoch in enumerate(epochs):
+      yield from _epoch(task, split, converter, lengths, shuffle=shuffle,
+                        seed=seed, epoch=epoch, shard_index=shard_index,
+                        num_shards=num_shards, skip=skip if i == 0 else 0)
+
+  rest = None  # Examples carried over to the next block (< b of them).
+  for block in blocks():
+    if rest is not None:
+      block = {k: np.concatenate([rest[k], v]) for k, v in block.items()}
+    count = len(block["tokens"])
+    for start in range(0, count - b + 1, b):
+      yield {k: v[start:start + b] for k, v in block.items()}
+    left = count % b
+    rest = {k: v[count - left:] for k, v in block.items()} if left else None
+  if rest is not None:  # Only without repeat: the padded last batch.
+    yield _pad(rest, b - len(rest["tokens"]))
+
+
+def _first_length(task: seqio.Task, split: str) -> int:
+  """n of a cached split, read from its first example (Task registered
+  without a spec, e.g. by other code)."""
+  ds = task.get_dataset(sequence_length=None, split=split, use_cached=True,
+                        shuffle=False, try_in_mem_cache=False)
+  return int(next(iter(ds))["tokens"].shape[0])

@@ -1,0 +1,240 @@
+"""The offline neighbour precompute: seqio's cache job for RETRO Tasks.
+
+Retrieval (BERT on every chunk, index search) runs once, offline, in Apache
+Beam, through seqio's own transforms (`beam_utils.PreprocessTask`,
+`WriteExampleTfRecord`, `GetInfo`, `GetStats`), so the cache reads back with
+`Task.get_dataset(use_cached=True)` like any seqio cache. Locally the runner
+is Beam's in-process `FnApiRunner` (DirectRunner would first try to download
+a runner binary); on Google Cloud pass `runner="DataflowRunner"`.
+
+Layout of `<cache_dir>/<task name>/`:
+  <split>.tfrecord-0000i-of-0000N   the examples (tokens, neighbours, doc_ids)
+  <split>.info.json, <split>.stats.json   seqio's feature info and counts
+  retro_task.json                   what was cached (task arguments, DB and
+                                    vocabulary identity) and the summary
+  COMPLETED                         written last, after every split finished
+
+Nothing half-written reads as complete: a crashed job leaves no COMPLETED,
+and `require_complete` refuses a directory without it (or with a missing
+split file, or cached for other Task arguments), naming the directory and
+the command that rebuilds it. A rerun removes such a directory and starts
+over; a rerun over a complete cache does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import seqio
+
+COMPLETED = "COMPLETED"
+RETRO_TASK = "retro_task.json"
+STATS_FEATURE = "retrieval_stats"  # int64 [3] per sequence, never written.
+COMMAND = ("python scripts/cache_tasks.py --task={task} "
+           "--cache_dir={cache_dir}")
+
+# Per registered Task name: what identifies its cached data (the arguments
+# of register_retro_task and the DB / vocabulary identity).
+TASK_SPECS: Dict[str, Dict[str, Any]] = {}
+
+# Called with the number of sequences each time the retrieval preprocessor
+# finishes a batch (in-process runners only); set by `cache_task`.
+progress_hook: Optional[Callable[[int], None]] = None
+
+
+class IncompleteCacheError(RuntimeError):
+  """A cache directory that is missing, unfinished or for other arguments."""
+
+
+def task_dir(name: str, cache_dir: str) -> str:
+  """Where seqio puts Task `name` under `cache_dir`."""
+  return os.path.join(cache_dir, seqio.get_task_dir_from_name(name))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _problem(name: str, directory: str, splits: Sequence[str]
+             ) -> Optional[str]:
+  """Why `directory` is not a complete cache of Task `name` (None if it is)."""
+  if not os.path.isdir(directory):
+    return "does not exist"
+  if not os.path.isfile(os.path.join(directory, COMPLETED)):
+    return (f"has no {COMPLETED} file: the cache job did not finish "
+            "(crashed or still running)")
+  try:
+    with open(os.path.join(directory, RETRO_TASK)) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"has no readable {RETRO_TASK}: {e}"
+  spec = TASK_SPECS.get(name)
+  if spec is not None and record.get("spec") != spec:
+    changed = sorted(k for k in set(spec) | set(record.get("spec", {}))
+                     if spec.get(k) != record.get("spec", {}).get(k))
+    return (f"was cached for other Task arguments (differing: "
+            f"{', '.join(changed)})")
+  for split in splits:
+    info_path = seqio.get_cached_info_path(directory, split)
+    stats_path = seqio.get_cached_stats_path(directory, split)
+    for path in (info_path, stats_path):
+      if not os.path.isfile(path):
+        return f"lacks {os.path.basename(path)} (split {split!r} not cached)"
+    try:
+      with open(info_path) as f:
+        num_files = json.load(f)["num_shards"]
+    except (OSError, ValueError, KeyError) as e:
+      return f"has an unreadable {os.path.basename(info_path)}: {e}"
+    prefix = seqio.get_cached_tfrecord_prefix(directory, split)
+    want = {f"{os.path.basename(prefix)}-{i:05d}-of-{num_files:05d}"
+            for i in range(num_files)}
+    missing = want - set(os.listdir(directory))
+    if missing:
+      return f"lacks {len(missing)} of {num_files} record files of {split!r}"
+  return None
+
+
+def require_complete(name: str, cache_dir: str,
+                     splits: Sequence[str]) -> str:
+  """The task directory of a complete cache of `splits`, else a clear error.
+
+  Raises:
+    IncompleteCacheError: naming the directory, what is wrong, and the
+      command that (re)builds it.
+  """
+  directory = task_dir(name, cache_dir)
+  problem = _problem(name, directory, splits)
+  if problem:
+    raise IncompleteCacheError(
+        f"cache {directory} of Task {name!r} {problem}; (re)build it with: "
+        + COMMAND.format(task=name, cache_dir=cache_dir))
+  return directory
+
+
+def cached_summary(name: str, cache_dir: str) -> Dict[str, Any]:
+  """The summary `cache_task` recorded for a complete cache."""
+  directory = require_complete(name, cache_dir, ())
+  with open(os.path.join(directory, RETRO_TASK)) as f:
+    return json.load(f)["summary"]
+
+
+def _stats_of(ex: Mapping[str, Any]):
+  """(sequences, chunks, dropped, missing) of one example."""
+  chunks, dropped, missing = (int(v) for v in ex[STATS_FEATURE])
+  return (1, chunks, dropped, missing)
+
+
+def _sum_tuples(rows):
+  total = [0, 0, 0, 0]
+  for row in rows:
+    total = [a + b for a, b in zip(total, row)]
+  return total
+
+
+def _without_stats(ex: Mapping[str, Any]) -> Dict[str, Any]:
+  return {k: v for k, v in ex.items() if k != STATS_FEATURE}
+
+
+def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
+               num_files: int) -> Dict[str, Any]:
+  """One Beam pipeline that caches one split; returns its counts."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from seqio import beam_utils  # pylint: disable=g-import-not-at-top
+
+  counts_path = os.path.join(directory, f"{split}.retro_counts.json")
+  options = PipelineOptions([f"--runner={runner}"])
+  with beam.Pipeline(options=options) as p:
+    examples = (p | f"{split}_preprocess" >> beam_utils.PreprocessTask(
+        task, split) | f"{split}_shuffle" >> beam.Reshuffle())
+    _ = (examples | f"{split}_counts" >> beam.Map(_stats_of)
+         | f"{split}_sum" >> beam.CombineGlobally(_sum_tuples)
+         | f"{split}_write_counts" >> beam_utils.WriteJson(counts_path))
+    clean = examples | f"{split}_strip" >> beam.Map(_without_stats)
+    _ = clean | f"{split}_write" >> beam_utils.WriteExampleTfRecord(
+        seqio.get_cached_tfrecord_prefix(directory, split),
+        num_shards=num_files)
+    _ = (clean | f"{split}_info" >> beam_utils.GetInfo(num_files)
+         | f"{split}_write_info" >> beam_utils.WriteJson(
+             seqio.get_cached_info_path(directory, split)))
+    _ = (clean | f"{split}_stats" >> beam_utils.GetStats(task.output_features)
+         | f"{split}_write_stats" >> beam_utils.WriteJson(
+             seqio.get_cached_stats_path(directory, split)))
+  with open(counts_path) as f:
+    sequences, chunks, dropped, missing = json.load(f)
+  os.remove(counts_path)
+  return {"sequences": sequences, "chunks": chunks, "dropped": dropped,
+          "missing": missing}
+
+
+def cache_task(name: str, cache_dir: str,
+               splits: Optional[Sequence[str]] = None,
+               runner: str = "FnApiRunner", overwrite: bool = False,
+               num_files: int = 1,
+               log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Precomputes the neighbours of Task `name`'s splits into `cache_dir`.
+
+  Args:
+    name: a registered RETRO Task (tasks.register_retro_task).
+    cache_dir: the cache root (seqio's `output_cache_dir`).
+    splits: the splits to cache (default: all the Task's).
+    runner: the Beam runner; "FnApiRunner" runs in-process, offline.
+    overwrite: rebuild even if a complete cache exists.
+    num_files: record files per split (a multiple of the host count lets
+      every host read whole files; 1 shards by example).
+    log: where progress and the summary go.
+  Returns:
+    The summary: per split {sequences, chunks, dropped, missing, seconds,
+    sequences_per_s}, plus "skipped": True when a complete cache was reused.
+  Raises:
+    ValueError: a split yields no sequence (corpus slice too small).
+  """
+  task = seqio.get_mixture_or_task(name)
+  splits = tuple(splits or task.splits)
+  directory = task_dir(name, cache_dir)
+  if not overwrite and _problem(name, directory, splits) is None:
+    summary = dict(cached_summary(name, cache_dir), skipped=True)
+    log(f"{name}: complete cache in {directory}, nothing to do")
+    return summary
+  if os.path.exists(directory):
+    log(f"{name}: removing {directory} "
+        f"({_problem(name, directory, splits) or 'overwrite requested'})")
+    shutil.rmtree(directory)
+  os.makedirs(directory)
+  global progress_hook
+  summary: Dict[str, Any] = {}
+  for split in splits:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(desc=f"{name}:{split} neighbours", unit="seq")
+    progress_hook = bar.update
+    t0 = time.time()
+    try:
+      counts = _run_split(task, split, directory, runner, num_files)
+    finally:
+      progress_hook = None
+      bar.close()
+    seconds = time.time() - t0
+    if not counts["sequences"]:
+      raise ValueError(f"{name}: split {split!r} gave no sequence; the "
+                       "corpus slice is shorter than one sequence")
+    counts.update(seconds=round(seconds, 2),
+                  sequences_per_s=round(counts["sequences"] / seconds, 2))
+    summary[split] = counts
+    log(f"{name}:{split}: {counts['sequences']:,} sequences, "
+        f"{counts['chunks']:,} chunks, {counts['dropped']:,} neighbours "
+        f"dropped by the document filter, {counts['missing']:,} missing, "
+        f"{seconds:.1f} s ({counts['sequences_per_s']} sequences/s)")
+  record = {"task": name, "splits": list(splits), "summary": summary,
+            "spec": TASK_SPECS.get(name), "finished": time.time()}
+  _write_atomic(os.path.join(directory, RETRO_TASK),
+                json.dumps(record, indent=2, sort_keys=True))
+  _write_atomic(os.path.join(directory, COMPLETED), "")  # Last of all.
+  log(f"{name}: cached in {directory}")
+  return summary

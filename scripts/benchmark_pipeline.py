@@ -1,0 +1,81 @@
+r"""Input-pipeline throughput: offline neighbour precompute and online batches.
+
+  python scripts/benchmark_pipeline.py --config=configs/tasks_stdlib.py \
+      --config.max_bytes=1000000 --config.cache_dir=/tmp/bench_cache
+
+1. Precompute: caches the Task's train split into --config.cache_dir (fresh:
+   overwrite) and prints sequences/s and chunks/s (BERT embedding + search +
+   Beam writing, on this machine's CPU).
+2. Online: iterates `tasks.batches` over that cache with the `bench` shape
+   (batch 2, the config's seq_len, 512 for bench) and prints batches/s and
+   the headroom over a training step of --step_seconds (the bench preset's
+   measured step on 2 CPU cores is ~3 s): headroom = step time / batch time.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from retro_jax import tasks
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tasks_stdlib.py", "Task config file.")
+_BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch (bench: 2).")
+_STEPS = flags.DEFINE_integer("steps", 300, "Batches timed online.")
+_STEP_SECONDS = flags.DEFINE_float(
+    "step_seconds", 3.0, "Training step time to compare with (bench preset).")
+_SKIP_PRECOMPUTE = flags.DEFINE_bool(
+    "skip_precompute", False, "Reuse a complete cache instead of timing the "
+    "precompute.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  task = tasks.register_from_config(config, tasks.load_embedder(config))
+  results = {"task": task.name, "seq_len": config.seq_len,
+             "num_neighbours": config.num_neighbours,
+             "max_bytes": config.max_bytes}
+  summary = tasks.cache_task(task.name, config.cache_dir, splits=("train",),
+                             runner=config.runner,
+                             overwrite=not _SKIP_PRECOMPUTE.value,
+                             num_files=config.num_files)["train"]
+  results["precompute"] = {
+      k: summary[k] for k in ("sequences", "chunks", "dropped", "seconds",
+                              "sequences_per_s")}
+  results["precompute"]["chunks_per_s"] = round(
+      summary["chunks"] / summary["seconds"], 1)
+
+  it = tasks.batches(task, "train", batch_size=_BATCH.value,
+                     cache_dir=config.cache_dir, seed=0)
+  t0 = time.perf_counter()
+  first = next(it)                     # Opening the cache, first read.
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(_STEPS.value):
+    batch = next(it)
+  seconds = time.perf_counter() - t0
+  per_s = _STEPS.value / seconds
+  results["online"] = {
+      "batch_shapes": {k: list(v.shape) for k, v in batch.items()},
+      "first_batch_s": round(first_s, 3), "batches": _STEPS.value,
+      "batches_per_s": round(per_s, 1),
+      "sequences_per_s": round(per_s * _BATCH.value, 1),
+      "step_seconds": _STEP_SECONDS.value,
+      "headroom": round(per_s * _STEP_SECONDS.value, 1)}
+  del first
+  print(json.dumps(results, indent=2))
+  print(f"precompute: {results['precompute']['sequences_per_s']} "
+        f"sequences/s ({results['precompute']['chunks_per_s']} chunks/s) "
+        f"over {summary['sequences']} sequences of {config.seq_len} tokens")
+  print(f"online: {results['online']['batches_per_s']} batches/s of "
+        f"{_BATCH.value} x {config.seq_len} = "
+        f"{results['online']['headroom']}x a {_STEP_SECONDS.value} s step "
+        f"(needs >= 10x)")
+
+
+if __name__ == "__main__":
+  app.run(main)

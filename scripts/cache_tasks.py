@@ -1,0 +1,43 @@
+r"""Precomputes the neighbours of a RETRO Task's splits (seqio's cache job).
+
+Every 64-token chunk of every packed sequence is embedded with the frozen
+BERT and its k nearest DB chunks are retrieved (documents of its own sequence
+excluded); the examples are written as a seqio cache that training reads
+with `retro_jax.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
+nothing touches the network); a rerun over a complete cache does nothing, a
+crashed one is rebuilt.
+
+  python scripts/build_db.py --config=configs/db_stdlib.py --db_dir=runs/db
+  python scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
+      [--config.max_bytes=2000000] [--overwrite]
+
+Prints a progress bar per split and a summary: sequences, chunks, neighbours
+dropped by the same-document filter, missing neighbours, seconds.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from retro_jax import tasks
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tasks_stdlib.py", "Task config file.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Rebuild even a complete cache.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  task = tasks.register_from_config(config, tasks.load_embedder(config))
+  summary = tasks.cache_task(task.name, config.cache_dir,
+                             runner=config.runner, overwrite=_OVERWRITE.value,
+                             num_files=config.num_files)
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,65 @@
+r"""Prints one cached example as text: each chunk beside its neighbours.
+
+  python scripts/inspect_example.py --config=configs/tasks_stdlib.py \
+      --split=validation --index=3
+
+Example `--index` is counted in cache file order (unshuffled). Each of the
+n/64 chunks is printed, then its k neighbours (the retrieved chunk | its
+continuation), with the documents of the sequence.
+"""
+
+import itertools
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from retro_jax import tasks
+from retro_jax.corpus import vocab
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tasks_stdlib.py", "Task config file.")
+_SPLIT = flags.DEFINE_string("split", "validation", "Cached split.")
+_INDEX = flags.DEFINE_integer("index", 0, "Example number (file order).")
+_WIDTH = flags.DEFINE_integer("width", 0, "Cut texts to this many "
+                              "characters (0 = whole).")
+
+
+def _show(text: str) -> str:
+  text = text if not _WIDTH.value else text[:_WIDTH.value]
+  return "    " + text.replace("\n", "\n    ")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  task = tasks.register_from_config(config)
+  sp = vocab.load(tasks.spm_path_of(config))
+  it = tasks.batches(task, _SPLIT.value, batch_size=1,
+                     cache_dir=config.cache_dir, shuffle=False, repeat=False,
+                     with_doc_ids=True)
+  example = next(itertools.islice(it, _INDEX.value, None), None)
+  if example is None or not example["loss_mask"].any():
+    raise SystemExit(f"{task.name}:{_SPLIT.value} has no example "
+                     f"{_INDEX.value}")
+  example = {k: v[0] for k, v in example.items()}
+  docs = list(dict.fromkeys(example["doc_ids"].tolist()))
+  print(f"{task.name}:{_SPLIT.value} example {_INDEX.value}: "
+        f"{len(example['tokens'])} tokens from documents {docs}")
+  for u, (chunk, _) in enumerate(tasks.neighbour_texts(example, sp)):
+    print(f"\n=== chunk {u} " + "=" * 60)
+    print(_show(chunk))
+    for j, values in enumerate(example["neighbours"][u]):    # [k, r]
+      if not values.any():
+        print(f"--- neighbour {j}: none (all padding)")
+        continue
+      chunk_text = sp.decode([int(t) for t in values[:64] if t])
+      continuation = sp.decode([int(t) for t in values[64:] if t])
+      print(f"--- neighbour {j}")
+      print(_show(chunk_text))
+      print("    ... continuation:")
+      print(_show(continuation or "(end of its document)"))
+
+if __name__ == "__main__":
+  app.run(main)

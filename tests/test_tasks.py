@@ -1,0 +1,275 @@
+"""RETRO seqio Tasks end to end on a slice of the standard library: a freshly
+trained SentencePiece model, a real DB (real MiniLM, exact index), the
+neighbour precompute in Beam (FnApiRunner), and the online batches."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import seqio
+
+from retro_jax import tasks
+from retro_jax import task_cache
+from retro_jax.corpus import packing
+from retro_jax.corpus import vocab
+from retro_jax.retrieval import db as dblib
+from retro_jax.retrieval import pipeline
+from retro_jax.retrieval import sequence_neighbours
+from retro_jax.retrieval.embedder import BertEmbedder
+
+DB_BYTES = 25_000      # The DB: the first files of the stdlib (~300 chunks).
+MAX_BYTES = 20_000     # Per Task split (the train split lies inside the DB).
+SEQ_LEN = 256
+K = 2
+NAME = "retro_test_stdlib"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tasks")
+  db_dir, spm_path = str(root / "db"), str(root / "spm.model")
+  embedder = BertEmbedder.load()
+  vocab.train([d.text for d in pipeline.documents("python_stdlib", 150_000)],
+              spm_path, vocab_size=512)
+  pipeline.build_database(
+      db_dir, lambda: pipeline.documents("python_stdlib", DB_BYTES),
+      spm_path, embedder, shard_chunks=100, log=lambda _: None)
+  task = tasks.register_retro_task(
+      NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
+      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
+      embedder=embedder, retrieval_batch=16)
+  cache_dir = str(root / "cache")
+  lines = []
+  summary = tasks.cache_task(NAME, cache_dir, log=lines.append)
+  return dict(root=root, db_dir=db_dir, spm_path=spm_path, task=task,
+              embedder=embedder, cache_dir=cache_dir, summary=summary,
+              lines=lines, db=dblib.RetrievalDB.open(db_dir),
+              sp=vocab.load(spm_path))
+
+
+def _all(setup, split, **kw):
+  """Every example of a cached split, once, with doc ids."""
+  rows = list(tasks.batches(NAME, split, batch_size=8,
+                            cache_dir=setup["cache_dir"], shuffle=False,
+                            repeat=False, with_doc_ids=True, **kw))
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _db_chunk_docs(db):
+  """DB chunk tokens (as bytes) -> set of document ids having that chunk."""
+  ids = np.arange(len(db))
+  tokens, docs = db.chunk_tokens(ids), db.doc_ids_of(ids)
+  table = {}
+  for t, d in zip(tokens, docs):
+    table.setdefault(t.tobytes(), set()).add(int(d))
+  return table
+
+
+def test_batches_have_the_model_shapes_and_dtypes(setup):
+  it = tasks.batches(NAME, "train", batch_size=4,
+                     cache_dir=setup["cache_dir"])
+  batch = next(it)
+  assert set(batch) == {"tokens", "neighbours", "loss_mask"}
+  assert batch["tokens"].shape == (4, SEQ_LEN)
+  assert batch["neighbours"].shape == (4, SEQ_LEN // 64, K, 128)
+  assert batch["loss_mask"].shape == (4, SEQ_LEN)
+  for v in batch.values():
+    assert v.dtype == np.int32
+  assert (batch["loss_mask"] == (batch["tokens"] != 0)).all()
+  assert batch["loss_mask"].all()              # Packed: no padding.
+  assert (batch["neighbours"][..., :64] != 0).any(-1).all()  # All found.
+
+
+def test_summary_counts_and_rerun_skips(setup):
+  summary = setup["summary"]
+  for split in ("train", "validation"):
+    s = summary[split]
+    stats = setup["task"].get_cached_stats(split)
+    assert s["sequences"] == stats["examples"] > 0
+    assert s["chunks"] == s["sequences"] * SEQ_LEN // 64
+    assert s["missing"] == 0
+  # Train sequences are DB text: each chunk's nearest is itself, dropped.
+  assert summary["train"]["dropped"] >= summary["train"]["chunks"] // 2
+  assert any("dropped by the document filter" in l for l in setup["lines"])
+  again = tasks.cache_task(NAME, setup["cache_dir"], log=lambda _: None)
+  assert again["skipped"] and again["train"] == summary["train"]
+
+
+def test_sequences_are_the_packed_db_tokenization(setup):
+  """The Task tokenizes and packs as the DB and packing.pack do."""
+  task, sp = setup["task"], setup["sp"]
+  ds = task.source.get_dataset("train", shuffle=False)
+  ds = tasks.pack_sequences(
+      tasks.tokenize(ds, spm_path=setup["spm_path"]),
+      seq_len=SEQ_LEN)
+  got = list(ds.as_numpy_iterator())
+  docs = pipeline.documents("python_stdlib", MAX_BYTES, split="train")
+  want = list(packing.pack(((d.doc_id, sp.encode(d.text)) for d in docs),
+                           SEQ_LEN))
+  assert len(got) == len(want) == setup["summary"]["train"]["sequences"]
+  for g, (tokens, doc_ids) in zip(got, want):
+    np.testing.assert_array_equal(g["tokens"], tokens)
+    np.testing.assert_array_equal(g["doc_ids"], doc_ids)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_no_neighbour_from_its_own_sequence_over_a_whole_split(setup, split):
+  every = _all(setup, split)
+  n = setup["summary"][split]["sequences"]
+  assert every["loss_mask"].any(-1).sum() == n      # Every example once,
+  assert not every["loss_mask"][n:].any()           # then padding rows.
+  db = setup["db"]
+  all_ids = np.arange(len(db))
+  docs, values = db.doc_ids_of(all_ids), db.neighbour_values(all_ids)
+  twins = {}                                        # chunk bytes -> ids
+  for i, t in enumerate(db.chunk_tokens(all_ids)):
+    twins.setdefault(t.tobytes(), []).append(i)
+  for nbs, seq_docs in zip(every["neighbours"][:n], every["doc_ids"][:n]):
+    own = set(seq_docs.tolist())
+    for nb in nbs.reshape(-1, nbs.shape[-1]):        # [r]
+      ids = twins[nb[:64].tobytes()]                 # A DB chunk ...
+      allowed = [i for i in ids if int(docs[i]) not in own]
+      assert allowed, "neighbour only found in its own sequence's documents"
+      # ... with its continuation (of one of its twins outside them).
+      assert any((values[i] == nb).all() for i in allowed)
+
+
+def test_neighbours_decode_to_db_text(setup):
+  db, sp = setup["db"], setup["sp"]
+  texts = {db.chunk_text(i, sp) for i in range(len(db))}
+  batch = next(tasks.batches(NAME, "validation", batch_size=2,
+                             cache_dir=setup["cache_dir"]))
+  for chunk, nb_texts in tasks.neighbour_texts(
+      {k: v[0] for k, v in batch.items()}, sp):
+    for nb in batch["neighbours"][0].reshape(-1, 128):
+      assert sp.decode([int(t) for t in nb[:64] if t]) in texts
+    assert len(nb_texts) == K and chunk
+
+
+def test_same_seed_same_batches_across_epochs(setup):
+  def take(seed, steps=30):
+    it = tasks.batches(NAME, "train", batch_size=6, seed=seed,
+                       cache_dir=setup["cache_dir"])
+    return [next(it) for _ in range(steps)]
+  a, b, c = take(0), take(0), take(1)
+  epoch_steps = setup["summary"]["train"]["sequences"] / 6
+  assert len(a) > epoch_steps                   # Crosses an epoch.
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any((x["tokens"] != z["tokens"]).any() for x, z in zip(a, c))
+
+
+def test_resume_gives_the_uninterrupted_batches(setup):
+  kw = dict(batch_size=4, seed=3, cache_dir=setup["cache_dir"])
+  it = tasks.batches(NAME, "train", **kw)
+  full = [next(it) for _ in range(40)]
+  for start in (7, 26):                         # Within and after epoch 1.
+    resumed = tasks.batches(NAME, "train", start_step=start, **kw)
+    for step in range(start, 40):
+      got = next(resumed)
+      for k in got:
+        np.testing.assert_array_equal(got[k], full[step][k])
+
+
+def test_hosts_read_disjoint_shards_covering_the_split(setup):
+  every = _all(setup, "train")
+  n = setup["summary"]["train"]["sequences"]
+  seen = []
+  for host in range(2):
+    rows = list(tasks.batches(NAME, "train", batch_size=8, shard_index=host,
+                              num_shards=2, cache_dir=setup["cache_dir"],
+                              shuffle=False, repeat=False))
+    assert all(r["tokens"].shape == (4, SEQ_LEN) for r in rows)
+    seen += [t.tobytes() for r in rows for t, m in
+             zip(r["tokens"], r["loss_mask"]) if m.any()]
+  assert len(seen) == n
+  assert sorted(seen) == sorted(t.tobytes() for t in every["tokens"][:n])
+
+
+def test_neighbours_for_sequences_excludes_the_sequence_documents(setup):
+  db, sp = setup["db"], setup["sp"]
+  retriever, _ = sequence_neighbours.load_retriever(
+      setup["db_dir"], setup["spm_path"], setup["embedder"])
+  docs = db.doc_ids_of(np.arange(len(db)))
+  doc = next(d for d in np.unique(docs) if (docs == d).sum() >= 4)
+  ids = np.flatnonzero(docs == doc)[:4]
+  tokens = db.chunk_tokens(ids).reshape(1, -1)           # [1, 256]
+  doc_ids = np.full(tokens.shape, doc, np.int64)
+  nb, stats = sequence_neighbours.neighbours_for_sequences(
+      retriever, sp, tokens, doc_ids, K)
+  assert nb.shape == (1, 4, K, 128) and nb.dtype == np.int32
+  assert stats["chunks"] == 4 and stats["dropped"] >= 4   # Itself, each.
+  table = _db_chunk_docs(db)
+  for v in nb.reshape(-1, 128):
+    assert table[v[:64].tobytes()] - {int(doc)}
+  # With an unrelated document id nothing is excluded: itself comes first.
+  free, stats = sequence_neighbours.neighbours_for_sequences(
+      retriever, sp, tokens, np.full(tokens.shape, -7, np.int64), K)
+  assert stats["dropped"] == 0
+  np.testing.assert_array_equal(free[0, :, 0, :64], tokens.reshape(4, 64))
+
+
+def test_incomplete_cache_is_refused(setup, tmp_path):
+  src = task_cache.task_dir(NAME, setup["cache_dir"])
+  for missing in ("COMPLETED",
+                  os.path.basename(seqio.get_cached_stats_path(src, "train")),
+                  "train.tfrecord-00000-of-00001"):
+    broken = tmp_path / missing.replace(".", "_")
+    shutil.copytree(src, task_cache.task_dir(NAME, str(broken)))
+    os.remove(os.path.join(task_cache.task_dir(NAME, str(broken)), missing))
+    with pytest.raises(task_cache.IncompleteCacheError) as e:
+      next(tasks.batches(NAME, "train", batch_size=2, cache_dir=str(broken)))
+    assert task_cache.task_dir(NAME, str(broken)) in str(e.value)
+    assert "scripts/cache_tasks.py" in str(e.value)
+  with pytest.raises(task_cache.IncompleteCacheError, match="does not exist"):
+    next(tasks.batches(NAME, "train", batch_size=2,
+                       cache_dir=str(tmp_path / "never")))
+
+
+def test_crashed_cache_job_leaves_no_complete_cache(setup, tmp_path):
+  import zstandard
+  lines = b"".join(b'{"text": "def f%d(x):\\n    return x * %d\\n" , '
+                   b'"meta": {"pile_set_name": "Github"}}\n' % (i, i)
+                   for i in range(3000))
+  data = zstandard.ZstdCompressor().compress(lines)
+  path = tmp_path / "cut.jsonl.zst"
+  path.write_bytes(data[:len(data) // 2])      # A truncated download.
+  tasks.register_retro_task(
+      "retro_test_cut", corpus=f"jsonl:{path}", spm_path=setup["spm_path"],
+      db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
+      splits=("train",), embedder=setup["embedder"])
+  cache_dir = str(tmp_path / "cache")
+  with pytest.raises(Exception, match="cut.jsonl.zst"):
+    tasks.cache_task("retro_test_cut", cache_dir, log=lambda _: None)
+  directory = task_cache.task_dir("retro_test_cut", cache_dir)
+  assert not os.path.exists(os.path.join(directory, "COMPLETED"))
+  with pytest.raises(task_cache.IncompleteCacheError, match="did not finish"):
+    next(tasks.batches("retro_test_cut", "train", batch_size=2,
+                       cache_dir=cache_dir))
+
+
+def test_vocabulary_not_matching_the_db_names_the_file(setup, tmp_path):
+  other = str(tmp_path / "other.model")
+  vocab.train([d.text for d in pipeline.documents("python_stdlib", 100_000)],
+              other, vocab_size=600)
+  with pytest.raises(ValueError, match="other.model"):
+    tasks.register_retro_task(
+        "retro_test_other_vocab", corpus="python_stdlib", spm_path=other,
+        db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K)
+
+
+def test_registering_twice_replaces(setup):
+  again = tasks.register_retro_task(
+      NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
+      db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
+      max_bytes=MAX_BYTES, embedder=setup["embedder"], retrieval_batch=16)
+  assert seqio.get_mixture_or_task(NAME) is again
+  batch = next(tasks.batches(NAME, "train", batch_size=2,
+                             cache_dir=setup["cache_dir"]))  # Still valid.
+  assert batch["tokens"].shape == (2, SEQ_LEN)
+  with pytest.raises(ValueError, match="multiple of the chunk size"):
+    tasks.register_retro_task(
+        NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
+        db_dir=setup["db_dir"], seq_len=100, num_neighbours=K)
