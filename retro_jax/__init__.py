@@ -4,5 +4,14 @@ from retro_jax.config import PRESETS, RetroConfig
 from retro_jax.model import Retro, count_params
 from retro_jax.retrieval.embedder import BertEmbedder
 
-__all__ = ["BertEmbedder", "PRESETS", "Retro", "RetroConfig", "count_params"]
+
+def load(workdir: str, step=None, mesh=None, **kwargs):
+  """A trained run for research: config, params, tokenizer, DB and searcher,
+  with generate / evaluate / logits / retrieve. See `retro_jax.run.load`."""
+  from retro_jax import run  # pylint: disable=g-import-not-at-top
+  return run.load(workdir, step, mesh, **kwargs)
+
+
+__all__ = ["BertEmbedder", "PRESETS", "Retro", "RetroConfig", "count_params",
+           "load"]
 __version__ = "0.1.0"

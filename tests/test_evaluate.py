@@ -1,0 +1,149 @@
+"""Evaluation: bits per byte by hand, retrieval off == no CCA, leakage table,
+sliding windows, the evaluate script on a trained run."""
+
+import math
+import os
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+from retro_jax import evaluate
+from retro_jax.config import RetroConfig
+from retro_jax.corpus import sources
+from retro_jax.corpus import vocab
+from retro_jax.model import Retro
+
+TEXTS = ["naïve café — ünïcödé ✓ 日本語 テキスト\n\tdef f(x):  return x ** 2\n",
+         "plain ascii text with  double  spaces and a trailing space ",
+         "emoji 🙂 and bytes \x07 \u00a0 mixed"]
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+  docs = list(sources.python_stdlib("train", max_bytes=300_000))
+  path = str(tmp_path_factory.mktemp("spm") / "spm.model")
+  return vocab.train([d.text for d in docs], path, 512)
+
+
+@pytest.fixture(scope="module")
+def stdlib_ids(sp):
+  doc = next(d for d in sources.python_stdlib("validation", max_bytes=200_000)
+             if len(d.text) > 5000)
+  return np.asarray(sp.encode(doc.text), np.int32)
+
+
+def _dummy_prefix(sp, first_id):
+  return int(sp.id_to_piece(int(first_id)).startswith("\u2581"))
+
+
+def test_token_bytes_sum_to_the_decoded_text(sp, stdlib_ids):
+  table = evaluate.token_bytes(sp)
+  assert table.shape == (512,) and table[0] == table[1] == table[2] == 0
+  for text in TEXTS + [sp.decode(stdlib_ids[:300].tolist())]:
+    ids = sp.encode(text)
+    decoded = sp.decode(ids)
+    # SentencePiece's decoder drops the leading dummy-prefix space only.
+    assert table[ids].sum() == len(decoded.encode()) + _dummy_prefix(sp, ids[0])
+  # A slice from the middle of a text (what a chunk is).
+  ids = stdlib_ids[101:400]
+  assert table[ids].sum() == (len(sp.decode(ids.tolist()).encode())
+                              + _dummy_prefix(sp, ids[0]))
+  assert any(sp.is_byte(i) for i in sp.encode(TEXTS[2]))  # Fallback used.
+
+
+def test_bits_per_byte_equals_hand_computed(sp, stdlib_ids):
+  cfg = RetroConfig.preset("tiny")
+  model = Retro(cfg)
+  n = 128
+  tokens = stdlib_ids[None, :n]  # [1, n]
+  rng = np.random.default_rng(0)
+  nbs = rng.integers(1, cfg.vocab_size, (1, n // 64, 2, 128)).astype(np.int32)
+  params = model.init(jax.random.key(3), tokens, nbs)
+  scores = evaluate.evaluate_batches(
+      model, params, [{"tokens": tokens, "neighbours": nbs}],
+      evaluate.token_bytes(sp))
+  got = evaluate.summarize(scores)
+
+  logits = np.asarray(model.apply(params, tokens, nbs), np.float64)[0]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)
+  nll = -sum(logp[t, tokens[0, t + 1]] for t in range(n - 1))
+  targets = tokens[0, 1:]
+  num_bytes = len(sp.decode(targets.tolist()).encode()) + _dummy_prefix(
+      sp, targets[0])
+  on = got["retrieval_on"]
+  assert got["tokens"] == n - 1 and got["bytes"] == num_bytes
+  assert on["bits_per_byte"] == pytest.approx(nll / math.log(2) / num_bytes,
+                                              rel=1e-5)
+  assert on["loss"] == pytest.approx(nll / (n - 1), rel=1e-5)
+  assert on["perplexity"] == pytest.approx(math.exp(nll / (n - 1)), rel=1e-5)
+  assert on["bits_per_token"] == pytest.approx(nll / (n - 1) / math.log(2),
+                                               rel=1e-5)
+
+
+def test_retrieval_off_equals_the_model_without_cca(tiny, make_tokens,
+                                                    make_neighbours):
+  model = Retro(tiny)
+  tokens = make_tokens(tiny, 2, 192)
+  nbs = make_neighbours(tiny, 2, 192)
+  params = model.init(jax.random.key(0), tokens, nbs)
+  table = np.ones(tiny.vocab_size, np.int64)
+  batch = {"tokens": tokens, "neighbours": nbs,
+           "loss_mask": np.ones_like(tokens)}
+  retro = evaluate.evaluate_batches(model, params, [batch], table)
+
+  base_cfg = tiny.replace(cca_layers=())
+  base_params = hk.data_structures.filter(
+      lambda mod, name, v: "encoder" not in mod and "/cca" not in mod, params)
+  assert (hk.data_structures.tree_size(base_params)
+          < hk.data_structures.tree_size(params))
+  base = evaluate.evaluate_batches(Retro(base_cfg), base_params, [batch],
+                                   table, retrieval_off=False)
+  np.testing.assert_allclose(retro.nll_off, base.nll_on, rtol=1e-5, atol=1e-4)
+  # Retrieval on differs: the comparison above is not vacuous.
+  assert np.abs(retro.nll_on - retro.nll_off).max() > 1e-3
+  # Chunk 0's targets (positions < m - 1 predict them) see no neighbours.
+  assert retro.nll_on[0] == pytest.approx(retro.nll_off[0], rel=1e-5)
+
+
+def test_leakage_table_filters_chunks():
+  scores = evaluate.ChunkScores(
+      nll_on=np.array([1.0, 2.0, 3.0, 4.0]) * math.log(2),
+      nll_off=np.array([2.0, 2.0, 4.0, 8.0]) * math.log(2),
+      targets=np.array([63, 64, 64, 64]), bytes=np.array([10, 10, 20, 40]),
+      leakage=np.array([0.0, 0.2, 0.5, 1.0], np.float32))
+  rows = {r["alpha"]: r for r in evaluate.leakage_table(scores)}
+  assert rows[0.0]["chunks"] == 1 and rows[0.0]["bpb_on"] == pytest.approx(0.1)
+  assert rows[0.25]["bpb_on"] == pytest.approx(3 / 20)
+  assert rows[0.5]["bpb_off"] == pytest.approx(8 / 40)
+  assert rows[1.0]["bpb_on"] == pytest.approx(
+      evaluate.summarize(scores)["retrieval_on"]["bits_per_byte"])
+  assert "alpha" in evaluate.format_table(list(rows.values()))
+
+
+def test_plot_writes_a_png(tmp_path):
+  rows = [{"alpha": a, "bpb_on": 1 + a, "bpb_off": 2.0, "chunks": 1,
+           "chunk_fraction": 1.0} for a in evaluate.ALPHAS]
+  path = evaluate.plot_leakage({"valid": rows}, str(tmp_path / "l.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("stride", [64, 128, 256])
+def test_sliding_windows_score_every_target_once(stride):
+  stream = np.arange(1, 700)
+  windows, mask, starts = evaluate.sliding_windows(stream, 256, stride)
+  scored = []
+  for w, s in enumerate(starts):
+    for j in np.flatnonzero(mask[w]):
+      if j >= 1:                       # Position 0 predicts nothing.
+        assert windows[w, j] == stream[s + j]
+        scored.append(s + j)
+  want = set(range(1, len(stream)))
+  if stride == 256:                    # Non-overlapping: window starts lost.
+    want -= set(starts[1:].tolist())
+  assert sorted(scored) == sorted(want)
+  with pytest.raises(ValueError, match="multiples"):
+    evaluate.sliding_windows(stream, 256, 100)
