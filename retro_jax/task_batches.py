@@ -36,6 +36,7 @@ Shape glossary:
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Dict, Iterator, Union
 
 import numpy as np
@@ -76,7 +77,8 @@ def _shard_size(task: seqio.Task, split: str, directory: str,
                 shard_index: int, num_shards: int, total: int) -> int:
   """Examples in this host's shard (counted once per process if seqio
   shards by file, arithmetic if it shards by example)."""
-  key = (directory, split, shard_index, num_shards)
+  stamp = os.path.getmtime(os.path.join(directory, task_cache.COMPLETED))
+  key = (directory, stamp, split, shard_index, num_shards)
   if key not in _SHARD_SIZES:
     files = task._get_cached_source(split).list_shards(split)  # pylint: disable=protected-access
     if num_shards == 1:

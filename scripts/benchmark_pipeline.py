@@ -17,6 +17,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from retro_jax import tasks
@@ -34,6 +35,8 @@ _SKIP_PRECOMPUTE = flags.DEFINE_bool(
 
 def main(argv):
   del argv
+  # seqio logs whole examples at INFO (every power-of-two example).
+  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   task = tasks.register_from_config(config, tasks.load_embedder(config))
   results = {"task": task.name, "seq_len": config.seq_len,

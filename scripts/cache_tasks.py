@@ -19,6 +19,7 @@ import json
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from retro_jax import tasks
@@ -31,6 +32,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
 
 def main(argv):
   del argv
+  # seqio logs whole examples at INFO (every power-of-two example).
+  logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   task = tasks.register_from_config(config, tasks.load_embedder(config))
   summary = tasks.cache_task(task.name, config.cache_dir,

@@ -273,3 +273,28 @@ def test_registering_twice_replaces(setup):
     tasks.register_retro_task(
         NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
         db_dir=setup["db_dir"], seq_len=100, num_neighbours=K)
+
+
+@pytest.mark.slow
+def test_inspect_command_prints_chunks_beside_neighbours(setup):
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "inspect_example.py"),
+       "--config=" + os.path.join(REPO_ROOT, "configs", "tasks_stdlib.py"),
+       f"--config.task_name={NAME}", f"--config.db_dir={setup['db_dir']}",
+       f"--config.spm_model={setup['spm_path']}",
+       f"--config.cache_dir={setup['cache_dir']}",
+       f"--config.max_bytes={MAX_BYTES}", f"--config.seq_len={SEQ_LEN}",
+       f"--config.num_neighbours={K}", "--split=validation", "--index=1"],
+      capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert out.stdout.count("=== chunk") == SEQ_LEN // 64, out.stdout[-2000:]
+  assert out.stdout.count("--- neighbour") == K * SEQ_LEN // 64
+  # The printed chunk texts are those of the example (file order, index 1).
+  example = list(tasks.batches(NAME, "validation", batch_size=1,
+                               cache_dir=setup["cache_dir"], shuffle=False,
+                               repeat=False))[1]
+  first_chunk = setup["sp"].decode(example["tokens"][0, :64].tolist())
+  assert first_chunk.splitlines()[0] in out.stdout
