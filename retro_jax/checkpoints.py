@@ -193,7 +193,8 @@ def restore_params(workdir: str, step: Optional[int] = None, mesh=None
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True,
-                                                      create=False))
+                                                      create=False),
+      item_handlers={"params": ocp.StandardCheckpointHandler()})
   try:
     step = manager.latest_step() if step is None else int(step)
     if step is None:
@@ -203,6 +204,8 @@ def restore_params(workdir: str, step: Optional[int] = None, mesh=None
                               f"steps: {sorted(manager.all_steps())}")
     meta = manager.item_metadata(step)["params"]
     meta = getattr(meta, "tree", meta)
+    if meta is None:
+      raise ValueError(f"{directory}/{step} holds no params item")
     if mesh is not None:
       # pylint: disable-next=g-import-not-at-top
       from retro_jax import sharding  # The parameter rules (jax only).

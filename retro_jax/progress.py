@@ -85,7 +85,7 @@ class MetricsLogger:
 
   def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
                flops_per_step: float, peak_flops: float, num_devices: int,
-               schedule=None, stream=sys.stdout):
+               schedule=None, stream=None):
     self.is_chief = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_chief, asynchronous=False)
@@ -135,7 +135,7 @@ class MetricsLogger:
       if "steps_per_s" in out:
         line += (f"  | {rate:.2f} steps/s  {out['tokens_per_s']:,.0f} tok/s  "
                  f"MFU {100 * out['mfu']:.1f}%  ETA {format_duration(eta)}")
-      print(line, file=self.stream, flush=True)
+      print(line, file=self.stream or sys.stdout, flush=True)
     return out
 
   def close(self) -> None:

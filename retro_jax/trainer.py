@@ -154,15 +154,25 @@ class _SigtermFlag:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          source: Optional[data_source.DataSource] = None
-          ) -> Dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns a summary dict:
-  step, last logged metrics, status ("done" | "preempted"), state."""
+          source: Optional[data_source.DataSource] = None,
+          devices=None) -> Dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`.
+
+  Args:
+    config: the run config (see configs/tiny.py).
+    workdir: run folder; an existing run there is resumed.
+    source: `start_step -> iterator` of host batches (default: the one
+      `config.data.source` names).
+    devices: the mesh's devices (default: all).
+  Returns:
+    {"status": "done" | "preempted", "step", "metrics" (last logged),
+     "state" (the final TrainState)}.
+  """
   check_config(config)
   checkpoints.check_same_model(workdir, config)
   cfg = RetroConfig.from_dict(config.model)
   tc, cc = config.train, config.checkpoint
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
   train_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
   if tc.batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={tc.batch_size} does not "

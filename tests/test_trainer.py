@@ -1,0 +1,199 @@
+"""The training loop (retro_jax.trainer) in-process on 8 simulated devices:
+loss falls, sharded == one device, NaN stops with a good checkpoint kept,
+SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input fails
+before any compute."""
+
+import importlib.util
+import math
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from retro_jax import Retro, RetroConfig
+from retro_jax import checkpoints, data_source, train, trainer
+from conftest import REPO_ROOT
+
+# Tests below compile the same programs more than once: cache them.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(REPO_ROOT, ".pytest_cache", "jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def tiny_config(**train_overrides):
+  """configs/tiny.py, shrunk: vocab 256, batch 8 of 128 tokens."""
+  path = os.path.join(REPO_ROOT, "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.update(dict(vocab_size=256, num_layers=2, cca_layers=(2,),
+                           enc_num_layers=1))
+  config.train.update(dict(batch_size=8, seq_len=128, steps=6, log_every=1,
+                           warmup_steps=2, total_steps=20, learning_rate=3e-3,
+                           peak_flops=1e11))
+  config.train.update(train_overrides)
+  config.checkpoint.update(dict(every=100, keep=2, async_save=False))
+  return config
+
+
+def init_params(config):
+  """The parameters a run of `config` starts from (seed 0)."""
+  cfg = RetroConfig.from_dict(config.model)
+  model = Retro(cfg)
+  tokens, neighbours = model.dummy_inputs(1, config.train.seq_len)
+  return jax.device_get(jax.jit(model.init)(
+      jax.random.key(config.train.seed), tokens, neighbours))
+
+
+def params_of(summary):
+  return trainer.host_params(summary["state"])
+
+
+def flat(params):
+  return {f"{m}/{n}": v for m, leaves in params.items()
+          for n, v in leaves.items()}
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_8_device_mesh(tmp_path, capsys):
+  config = tiny_config(steps=8)
+  config.mesh.update(dict(data=2, fsdp=2, model=2))
+  summary = trainer.train(config, str(tmp_path))
+  out = capsys.readouterr().out
+  losses = [float(l.split("loss ")[1].split()[0])
+            for l in out.splitlines() if l.startswith("step ")]
+  assert len(losses) == 8, out
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert "tok/s" in out and "MFU" in out and "ETA" in out
+  assert summary["status"] == "done" and summary["step"] == 8
+  assert checkpoints.Checkpointer(str(tmp_path), save_every=100,
+                                  keep=2).latest_step() == 8
+  assert os.listdir(tmp_path / "checkpoints")
+  assert any(f.startswith("events.out.tfevents") for f in
+             os.listdir(tmp_path))
+
+
+@pytest.mark.slow
+def test_sharded_matches_one_device_over_3_steps(tmp_path):
+  config = tiny_config(steps=3)
+  config.mesh.update(dict(data=2, fsdp=2, model=2))
+  sharded = trainer.train(config, str(tmp_path / "sharded"))
+  config.mesh.update(dict(data=1, fsdp=1, model=1))
+  single = trainer.train(config, str(tmp_path / "single"),
+                         devices=jax.devices()[:1])
+  a, b = flat(params_of(sharded)), flat(params_of(single))
+  assert a.keys() == b.keys()
+  moved = 0
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  first = flat(init_params(config))
+  moved = sum(not np.allclose(a[k], first[k]) for k in a)
+  assert moved > len(a) // 2          # Training changed most parameters.
+  np.testing.assert_allclose(sharded["metrics"]["loss"],
+                             single["metrics"]["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  # The rate jumps to 1e38 after warmup: parameters overflow within steps.
+  config = tiny_config(steps=8, learning_rate=1e38, warmup_steps=2,
+                       clip_norm=0.0)
+  config.checkpoint.every = 1
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"non-finite loss .* last good checkpoint is step"):
+    trainer.train(config, str(tmp_path), devices=jax.devices()[:1])
+  _, params, step = checkpoints.restore_params(str(tmp_path))
+  assert 1 <= step < 8
+  assert all(np.isfinite(np.asarray(v)).all()
+             for v in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_returns(tmp_path):
+  config = tiny_config(steps=50)
+  base = data_source.make_source(config)
+
+  def source(start):
+    for i, batch in enumerate(base(start)):
+      if start + i == 3:                # Preempted while step 4 is read.
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  summary = trainer.train(config, str(tmp_path), source=source,
+                          devices=jax.devices()[:1])
+  assert summary["status"] == "preempted"
+  assert summary["step"] == 4
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=100, keep=2)
+  assert ckpt.latest_step() == 4
+  # The default handler is back.
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_retrofit_trains_only_retrieval_weights(tmp_path):
+  base = tiny_config(steps=3)
+  base.model.cca_layers = ()
+  base.model.scan_layers = True     # Stacked layers: grafted per layer.
+  base_params = flat(params_of(trainer.train(base, str(tmp_path / "base"),
+                                             devices=jax.devices()[:1])))
+  retro = tiny_config(steps=3, trainable="retrieval",
+                      init_from=str(tmp_path / "base"))
+  retro.mesh.update(dict(data=2, fsdp=2, model=2))
+  summary = trainer.train(retro, str(tmp_path / "retro"))
+  after = flat(params_of(summary))
+  frozen = [k for k in after if not train.is_retrieval_module(k)]
+  trained = [k for k in after if train.is_retrieval_module(k)]
+  assert len(trained) >= 4 and len(frozen) >= 10
+  per_layer = {}
+  for k, v in base_params.items():    # Unstack "layers_00_01" per layer.
+    module, name = k.rsplit("/", 1)
+    if "layers_00_01" in module:
+      for j in range(v.shape[0]):
+        per_layer[module.replace("layers_00_01", f"layer_{j:02d}")
+                  + "/" + name] = v[j]
+    else:
+      per_layer[k] = v
+  for k in frozen:
+    assert np.array_equal(after[k], per_layer[k]), k    # Bit-identical.
+  init = flat(init_params(retro))
+  assert sum(not np.allclose(after[k], init[k]) for k in trained) > \
+      len(trained) // 2
+
+
+def test_bad_input_fails_before_compute(tmp_path):
+  config = tiny_config(batch_size=6)
+  config.mesh.update(dict(data=2, fsdp=2, model=2))
+  with pytest.raises(ValueError, match="batch size 6 does not divide"):
+    trainer.train(config, str(tmp_path / "a"))
+  assert not os.path.exists(tmp_path / "a" / "checkpoints")
+
+  config = tiny_config(accum_steps=3)
+  with pytest.raises(ValueError, match="accum_steps=3 must"):
+    trainer.train(config, str(tmp_path / "b"))
+
+  del config.train.log_every
+  with pytest.raises(ValueError, match=r"lacks config\.train\.log_every"):
+    trainer.train(config, str(tmp_path / "c"))
+
+  # A workdir holding a run of another architecture.
+  config = tiny_config()
+  checkpoints.save_run_config(str(tmp_path / "d"), config)
+  config.model.d_model = 32
+  with pytest.raises(ValueError, match=r"another model architecture.*d_model"):
+    trainer.train(config, str(tmp_path / "d"))
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_full_batch(tmp_path):
+  one = trainer.train(tiny_config(steps=2), str(tmp_path / "one"),
+                      devices=jax.devices()[:1])
+  acc = trainer.train(tiny_config(steps=2, accum_steps=4),
+                      str(tmp_path / "acc"), devices=jax.devices()[:1])
+  a, b = flat(params_of(one)), flat(params_of(acc))
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  assert math.isclose(one["metrics"]["loss"], acc["metrics"]["loss"],
+                      rel_tol=1e-5)
