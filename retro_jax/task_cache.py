@@ -18,7 +18,8 @@ Nothing half-written reads as complete: a crashed job leaves no COMPLETED,
 and `require_complete` refuses a directory without it (or with a missing
 split file, or cached for other Task arguments), naming the directory and
 the command that rebuilds it. A rerun removes such a directory and starts
-over; a rerun over a complete cache does nothing.
+over; a rerun over a complete cache does nothing, or, asked for more splits,
+keeps the complete ones and computes only the others.
 """
 
 from __future__ import annotations
@@ -125,6 +126,16 @@ def cached_summary(name: str, cache_dir: str) -> Dict[str, Any]:
     return json.load(f)["summary"]
 
 
+def _remove_split(directory: str, split: str) -> None:
+  """Deletes whatever a split's earlier, unfinished cache run left."""
+  prefix = os.path.basename(seqio.get_cached_tfrecord_prefix(directory, split))
+  for fname in os.listdir(directory):
+    if fname.startswith(prefix) or fname in (
+        os.path.basename(seqio.get_cached_info_path(directory, split)),
+        os.path.basename(seqio.get_cached_stats_path(directory, split))):
+      os.remove(os.path.join(directory, fname))
+
+
 def _stats_of(ex: Mapping[str, Any]):
   """(sequences, chunks, dropped, missing) of one example."""
   chunks, dropped, missing = (int(v) for v in ex[STATS_FEATURE])
@@ -186,7 +197,8 @@ def cache_task(name: str, cache_dir: str,
     cache_dir: the cache root (seqio's `output_cache_dir`).
     splits: the splits to cache (default: all the Task's).
     runner: the Beam runner; "FnApiRunner" runs in-process, offline.
-    overwrite: rebuild even if a complete cache exists.
+    overwrite: rebuild even if a complete cache exists (else its complete
+      splits are kept and only missing ones computed).
     num_files: record files per split (a multiple of the host count lets
       every host read whole files; 1 shards by example).
     log: where progress and the summary go.
@@ -203,14 +215,26 @@ def cache_task(name: str, cache_dir: str,
     summary = dict(cached_summary(name, cache_dir), skipped=True)
     log(f"{name}: complete cache in {directory}, nothing to do")
     return summary
-  if os.path.exists(directory):
-    log(f"{name}: removing {directory} "
-        f"({_problem(name, directory, splits) or 'overwrite requested'})")
-    shutil.rmtree(directory)
-  os.makedirs(directory)
+  kept: Dict[str, Any] = {}  # Complete splits of a complete cache: reused.
+  if not overwrite and _problem(name, directory, ()) is None:
+    kept = {split: counts for split, counts in
+            cached_summary(name, cache_dir).items()
+            if _problem(name, directory, (split,)) is None}
+  if kept:
+    log(f"{name}: reusing cached splits {sorted(kept)} in {directory}")
+    os.remove(os.path.join(directory, COMPLETED))  # Incomplete from now on.
+    for split in splits:
+      if split not in kept:
+        _remove_split(directory, split)
+  else:
+    if os.path.exists(directory):
+      log(f"{name}: removing {directory} "
+          f"({_problem(name, directory, splits) or 'overwrite requested'})")
+      shutil.rmtree(directory)
+    os.makedirs(directory)
   global progress_hook
-  summary: Dict[str, Any] = {}
-  for split in splits:
+  summary: Dict[str, Any] = dict(kept)
+  for split in (s for s in splits if s not in kept):
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(desc=f"{name}:{split} neighbours", unit="seq")
     progress_hook = bar.update
@@ -231,7 +255,7 @@ def cache_task(name: str, cache_dir: str,
         f"{counts['chunks']:,} chunks, {counts['dropped']:,} neighbours "
         f"dropped by the document filter, {counts['missing']:,} missing, "
         f"{seconds:.1f} s ({counts['sequences_per_s']} sequences/s)")
-  record = {"task": name, "splits": list(splits), "summary": summary,
+  record = {"task": name, "splits": sorted(summary), "summary": summary,
             "spec": TASK_SPECS.get(name), "finished": time.time()}
   _write_atomic(os.path.join(directory, RETRO_TASK),
                 json.dumps(record, indent=2, sort_keys=True))

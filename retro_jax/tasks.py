@@ -44,6 +44,9 @@ from retro_jax.task_cache import cache_task  # pylint: disable=unused-import
 CHUNK_SIZE = 64
 EOS_ID = vocab.EOS_ID
 SHUFFLE_BUFFER_SIZE = 10_000
+# Bumped when the cached examples change meaning (tokenization, packing,
+# neighbour values): caches of another version are refused and rebuilt.
+CACHE_FORMAT = 1
 
 # Embedders handed to register_retro_task, by id, for the preprocessor (a
 # seqio preprocessor is a function of the dataset; objects go by reference).
@@ -157,7 +160,7 @@ def attach_neighbours(ds: tf.data.Dataset, *, db_dir: str, spm_path: str,
 def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, splits,
           max_bytes, meta_filter, manifest) -> Dict[str, Any]:
   """What identifies the cached data of a Task (JSON-comparable)."""
-  return {"corpus": corpus, "seq_len": seq_len,
+  return {"cache_format": CACHE_FORMAT, "corpus": corpus, "seq_len": seq_len,
           "num_neighbours": num_neighbours, "splits": list(splits),
           "max_bytes": max_bytes, "meta_filter": dict(meta_filter or {}),
           "spm_sha256": db_format.sha256_file(spm_path),
