@@ -103,6 +103,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.config = config
+    self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, max_to_keep=keep,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
@@ -118,8 +119,11 @@ class Checkpointer:
 
   def save(self, step: int, state, data_position: Dict[str, Any],
            force: bool = False) -> bool:
-    """Starts saving `state` at `step` if it is a save step (or `force`);
-    returns whether a save started. Asynchronous: see `wait`."""
+    """Starts saving `state` at `step` if `step` is a multiple of
+    `save_every` (or `force`); returns whether a save started. Asynchronous:
+    see `wait`."""
+    if not force and step % self.save_every:
+      return False
     items = dict(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave({"opt_state": state.opt_state,
@@ -129,7 +133,7 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(
           json.loads(self.config.to_json_best_effort()))
     return self._manager.save(int(step), args=ocp.args.Composite(**items),
-                              force=force)
+                              force=True)
 
   def restore(self, abstract_state, step: Optional[int] = None
               ) -> Tuple[Any, Dict[str, Any]]:
