@@ -1,0 +1,40 @@
+r"""Evaluates a run's checkpoint: loss, perplexity, bits/token, bits/byte per
+eval set, retrieval on and off, and leakage-filtered bits/byte (table + PNG).
+
+  python scripts/evaluate.py --workdir=runs/tiny \
+      --config.eval.tasks="stdlib=python_stdlib" [--step=N] [--db=DIR] \
+      [--config.eval.num_neighbours=10]
+
+See configs/eval.py for every field and retro_jax/eval_job.py for the sets.
+Results: <workdir>/eval/step_<N>.json and leakage_step_<N>.png.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py",
+                                          "Evaluation config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (scripts/train.py).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
+_DB = flags.DEFINE_string("db", "", "Retrieval DB to use instead of the "
+                          "run's (same vocabulary); retrieved online.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from retro_jax import eval_job  # pylint: disable=g-import-not-at-top
+  try:
+    eval_job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,
+                          _DB.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

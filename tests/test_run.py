@@ -1,0 +1,140 @@
+"""retro_jax.load on a run written by scripts/train.py; the evaluate and
+sample scripts on it, with a retrieval DB built here (real SentencePiece,
+MiniLM and index, small)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+import retro_jax
+from conftest import REPO_ROOT
+from retro_jax import checkpoints
+from retro_jax import data_source
+from retro_jax import sharding
+from retro_jax import train
+from retro_jax.corpus import sources
+from retro_jax.corpus import vocab
+from retro_jax.retrieval import pipeline
+from retro_jax.retrieval.embedder import BertEmbedder
+
+STEPS = 20
+
+
+def _script(name, *args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # One device, as a user runs it.
+  proc = subprocess.run([sys.executable, os.path.join("scripts", name), *args],
+                        cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("run") / "tiny")
+  _script("train.py", "--config=configs/tiny.py", f"--workdir={path}",
+          f"--config.train.steps={STEPS}", "--config.train.batch_size=8",
+          "--config.train.seq_len=128", f"--config.checkpoint.every={STEPS}",
+          "--config.train.warmup_steps=2")
+  return path
+
+
+@pytest.fixture(scope="module")
+def db_dir(workdir):
+  """A DB whose vocabulary (2048 pieces) is the run's: spm.model in the
+  workdir, where `load` finds it."""
+  path = os.path.join(os.path.dirname(workdir), "db")
+  docs = sources.python_stdlib("train", max_bytes=400_000)
+  vocab.train([d.text for d in docs], os.path.join(workdir, "spm.model"),
+              2048)
+  pipeline.build_database(
+      path, lambda: pipeline.documents("python_stdlib", 30_000),
+      os.path.join(workdir, "spm.model"), BertEmbedder.load(),
+      vocab_size=2048, spm_train_bytes=300_000, shard_chunks=100,
+      log=lambda _: None)
+  return path
+
+
+def _loss(cfg, params):
+  batch = data_source.synthetic_batch(cfg, 8, 128, seed=0, step=10_000)
+  return float(train.loss_fn(retro_jax.Retro(cfg), params, batch)[0])
+
+
+@pytest.mark.slow
+def test_load_round_trips_the_checkpoint(workdir):
+  run = retro_jax.load(workdir)
+  saved = json.load(open(os.path.join(workdir, checkpoints.CONFIG_FILE)))
+  assert run.step == STEPS
+  assert run.model_config == retro_jax.RetroConfig.from_dict(saved["model"])
+  assert run.model_config == retro_jax.RetroConfig.preset("tiny",
+                                                          vocab_size=2048)
+  fresh = run.model.init(jax.random.key(0), *run.model.dummy_inputs())
+  shapes = lambda p: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), p)
+  assert shapes(run.params) == shapes(fresh)
+  # The trained parameters came back: they predict the synthetic chain.
+  assert _loss(run.model_config, run.params) < _loss(run.model_config,
+                                                     fresh) - 0.5
+  # Onto a mesh: the same function, parameters split across devices.
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, model=1))
+  sharded = retro_jax.load(workdir, mesh=mesh)
+  tokens = np.random.default_rng(0).integers(1, 2048, (2, 128)).astype(
+      np.int32)
+  np.testing.assert_allclose(sharded.logits(tokens), run.logits(tokens),
+                             atol=1e-4, rtol=1e-4)
+  assert any(len(x.sharding.device_set) > 1
+             for x in jax.tree_util.tree_leaves(sharded.params))
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+    retro_jax.load(workdir, step=7)
+
+
+@pytest.mark.slow
+def test_research_api_session(workdir, db_dir):
+  run = retro_jax.load(workdir, db_dir=db_dir)
+  assert run.tokenizer is not None and len(run.db) > 50
+  values = run.retrieve(["import os\nimport sys\n"], k=3)
+  assert values.shape == (1, 3, 128) and (values[:, :, :64] > 0).all()
+  out = run.generate("import os\n", num_tokens=80, k=3)
+  assert len(out.neighbours) == len(out.tokens) // 64 >= 1
+  assert len(out.neighbours[0]) == 3 and all(out.neighbours[0])
+  off = run.generate("import os\n", num_tokens=80, retrieval=False)
+  assert off.neighbours == [] and off.text
+  res = run.evaluate(["def f(x):\n    return x + 1\n" * 30], seq_len=128,
+                     batch_size=2)
+  assert res["tokens"] > 0 and len(res["leakage"]) == 6
+  assert res["leakage"][-1]["bpb_on"] == pytest.approx(
+      res["retrieval_on"]["bits_per_byte"])
+
+
+@pytest.mark.slow
+def test_evaluate_and_sample_scripts(workdir, db_dir):
+  out = _script("evaluate.py", f"--workdir={workdir}", f"--db={db_dir}",
+                "--config.eval.tasks=stdlib=python_stdlib",
+                "--config.eval.max_bytes=15000", "--config.eval.seq_len=128",
+                "--config.eval.num_neighbours=3", "--config.eval.stride=64")
+  assert "stdlib:" in out and "bpb on" in out
+  eval_dir = os.path.join(workdir, "eval")
+  name = [f for f in os.listdir(eval_dir) if f.endswith(".json")][0]
+  res = json.load(open(os.path.join(eval_dir, name)))
+  assert res["num_neighbours"] == 3 and res["stride"] == 64
+  s = res["sets"]["stdlib"]
+  for side in ("retrieval_on", "retrieval_off"):
+    assert 0 < s[side]["bits_per_byte"] < 20
+    assert s[side]["perplexity"] == pytest.approx(math.exp(s[side]["loss"]))
+  assert [r["alpha"] for r in s["leakage"]] == [0, 0.125, 0.25, 0.5, 0.75, 1]
+  assert s["leakage"][-1]["bpb_off"] == pytest.approx(
+      s["retrieval_off"]["bits_per_byte"])
+  assert os.path.exists(res["plot"])
+
+  out = _script("sample.py", f"--workdir={workdir}", f"--db={db_dir}",
+                "--prompt=import os", "--num_tokens=70", "--show_neighbours",
+                "--temperature=0.8", "--top_k=20")
+  assert "--- generated (70 tokens" in out
+  assert "=== chunk 0 ===" in out and "--- neighbour 1 ---" in out
