@@ -1,0 +1,177 @@
+"""Memory per device of a training run on a TPU slice, before renting it.
+
+Parameters, optimizer state and gradients are exact: their shapes come from
+`jax.eval_shape` and their per-device shards from the same sharding rules the
+trainer uses, on an `AbstractMesh` (no devices needed). Activations are an
+analytic estimate of what the backward pass keeps (below), per device.
+
+Activation model (bytes per device; b = sequences per device per
+micro-batch, n tokens, c bytes of the compute dtype, H·d heads x head width,
+F the MLP width, heads / MLP / vocabulary split over the `model` axis):
+  per decoder layer, per token, without remat:  c(4D + 4Hd + 2F) plus the
+    attention probabilities (4 + c) bytes per computed query-key pair and
+    head; CCA layers add c(D + 2Hd) and their probabilities;
+  remat="dots": the layer input and the dense-projection outputs,
+    c(2D + 4Hd + F) per token; attention is recomputed;
+  remat="full": the layer input, c·D per token, plus one layer recomputed;
+  plus the neighbour encoder (one pass over b·L·k·r tokens, kept whole) and
+  the float32 logits and their gradient, 8·V bytes per token.
+XLA's buffer reuse and fusion change the truth by tens of percent either
+way: leave headroom (the table flags a plan above 85% of HBM).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh
+
+from retro_jax import sharding
+from retro_jax import train
+from retro_jax.config import RetroConfig
+from retro_jax.flops import causal_score_pairs
+from retro_jax.model import Retro
+
+GIB = 2 ** 30
+# Slice name prefix -> (TensorCores per JAX device in the name's count,
+# HBM bytes per JAX device). v2/v3/v4/v5p names count TensorCores (2 per
+# chip; a v4/v5p device is a chip, a v2/v3 device is a core); v5e and v6e
+# names count chips.
+TPU_GENERATIONS = {
+    "v2": (1, 8 * GIB),
+    "v3": (1, 16 * GIB),
+    "v4": (2, 32 * GIB),
+    "v5p": (2, 95 * GIB),
+    "v5e": (1, 16 * GIB),
+    "v5litepod": (1, 16 * GIB),
+    "v6e": (1, 32 * GIB),
+}
+HEADROOM = 0.85
+
+
+def parse_slice(name: str) -> Tuple[int, int]:
+  """'v4-32' -> (16 devices, 32 GiB each); 'v5e-256' -> (256, 16 GiB)."""
+  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+  if not match or match.group(1) not in TPU_GENERATIONS:
+    raise ValueError(f"unknown TPU slice {name!r}; expected <generation>-"
+                     f"<size> with generation in {sorted(TPU_GENERATIONS)}, "
+                     f"e.g. v4-32, v5e-256")
+  per_device, hbm = TPU_GENERATIONS[match.group(1)]
+  cores = int(match.group(2))
+  if cores % per_device:
+    raise ValueError(f"{name}: size must be a multiple of {per_device}")
+  return cores // per_device, hbm
+
+
+def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
+  sizes = sharding.mesh_shape(axes, num_devices)
+  return AbstractMesh(sizes, sharding.MESH_AXES)
+
+
+def _shard_bytes(leaf, spec, mesh) -> int:
+  shape = list(leaf.shape)
+  for i, entry in enumerate(tuple(spec)[:len(shape)]):
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    shape[i] //= math.prod(mesh.shape[a] for a in names)
+  return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+
+
+def state_bytes(cfg: RetroConfig, mesh, trainable: str = "all"
+                ) -> Dict[str, float]:
+  """Exact per-device bytes of params, optimizer state and gradients."""
+  model = Retro(cfg)
+  optimizer = train.make_optimizer(1e-4, 750, 10_000)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          *model.dummy_inputs())
+  trained, _ = train.split_params(params, trainable)
+  opt_state = jax.eval_shape(optimizer.init, trained)
+  specs, _ = sharding.param_specs(params, mesh)
+  opt_specs = train.opt_state_specs(opt_state, params, specs)
+  is_p = lambda x: isinstance(x, sharding.P)
+
+  def total(tree, spec_tree):
+    return sum(_shard_bytes(l, s, mesh) for l, s in zip(
+        jax.tree_util.tree_leaves(tree),
+        jax.tree_util.tree_leaves(spec_tree, is_leaf=is_p)))
+  trained_specs, _ = train.split_params(specs, trainable)
+  return {"num_params": sum(math.prod(x.shape) for x in
+                            jax.tree_util.tree_leaves(params)),
+          "params": total(params, specs),
+          "opt_state": total(opt_state, opt_specs),
+          "grads": total(trained, trained_specs)}
+
+
+def activation_bytes(cfg: RetroConfig, mesh, batch_size: int, seq_len: int,
+                     accum_steps: int = 1) -> float:
+  """Estimated per-device activation bytes of one train step (see top)."""
+  shape = mesh.shape
+  data = shape["data"] * shape["fsdp"]
+  b = max(batch_size // accum_steps // data, 1)
+  mp = shape["model"]
+  c = jnp.dtype(cfg.compute_dtype).itemsize
+  n, m, k, r = seq_len, cfg.chunk_size, cfg.num_neighbours, cfg.neighbour_len
+  l = n // m
+  d, hd, f = cfg.d_model, cfg.num_heads * cfg.head_dim / mp, cfg.d_ff / mp
+  heads = cfg.num_heads / mp
+  tokens = b * n
+  probs = b * heads * causal_score_pairs(n, cfg.attention_block) * (4 + c)
+  layer = tokens * c * (4 * d + 4 * hd + 2 * f) + probs       # No remat.
+  cca_extra = tokens * c * (d + 2 * hd) + b * l * heads * m * k * r * (4 + c)
+  n_cca = len(cfg.cca_layers)
+  n_plain = cfg.num_layers - n_cca
+  if cfg.remat == "full":
+    kept = cfg.num_layers * tokens * c * d + layer + cca_extra
+  elif cfg.remat == "dots":
+    kept = (cfg.num_layers * tokens * c * (2 * d + 4 * hd + f)
+            + n_cca * cca_extra + probs)
+  else:
+    kept = n_plain * layer + n_cca * (layer + cca_extra)
+  if n_cca:
+    e = cfg.enc_d_model
+    ehd = cfg.enc_num_heads * cfg.enc_head_dim / mp
+    enc_tokens = b * l * k * r
+    kept += cfg.enc_num_layers * (
+        enc_tokens * c * (4 * e + 4 * ehd + 2 * cfg.enc_d_ff / mp)
+        + b * l * k * (cfg.enc_num_heads / mp) * r * r * (4 + c))
+  kept += tokens * 8 * cfg.vocab_size / mp                     # Logits.
+  return float(kept)
+
+
+def plan(cfg: RetroConfig, slice_name: str, mesh_axes: Mapping[str, int],
+         batch_size: int, seq_len: int, accum_steps: int = 1
+         ) -> Dict[str, object]:
+  """One row of the memory table: GiB per device by kind, and whether it
+  fits the slice's HBM with headroom."""
+  devices, hbm = parse_slice(slice_name)
+  mesh = abstract_mesh(mesh_axes, devices)
+  sharding.check_batch_divides(batch_size // accum_steps, mesh)
+  state = state_bytes(cfg, mesh)
+  acts = activation_bytes(cfg, mesh, batch_size, seq_len, accum_steps)
+  total = state["params"] + state["opt_state"] + state["grads"] + acts
+  return {"slice": slice_name, "devices": devices,
+          "mesh": "x".join(str(mesh.shape[a]) for a in sharding.MESH_AXES),
+          "num_params": state["num_params"],
+          "params_gib": state["params"] / GIB,
+          "opt_gib": state["opt_state"] / GIB,
+          "grads_gib": state["grads"] / GIB,
+          "acts_gib": acts / GIB, "total_gib": total / GIB,
+          "hbm_gib": hbm / GIB, "fits": total <= HEADROOM * hbm}
+
+
+def format_table(rows) -> str:
+  """A Markdown table of `plan` rows (with a `preset` key added)."""
+  head = ("| preset | slice | mesh d×f×m | params | params GiB | opt GiB | "
+          "grads GiB | acts GiB (est.) | total GiB | HBM GiB | fits |")
+  lines = [head, "|" + "---|" * 11]
+  for r in rows:
+    lines.append(
+        f"| {r['preset']} | {r['slice']} | {r['mesh']} | "
+        f"{r['num_params'] / 1e6:,.0f}M | {r['params_gib']:.2f} | "
+        f"{r['opt_gib']:.2f} | {r['grads_gib']:.2f} | {r['acts_gib']:.2f} | "
+        f"{r['total_gib']:.2f} | {r['hbm_gib']:.0f} | "
+        f"{'yes' if r['fits'] else 'no'} |")
+  return "\n".join(lines)

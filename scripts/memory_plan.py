@@ -1,0 +1,66 @@
+r"""Prints memory per device for the paper's presets on TPU slices (no TPU
+needed): parameters, optimizer state, gradients (exact, from the shardings)
+and activations (estimate), so a slice can be picked before paying for it.
+
+  python scripts/memory_plan.py --slices=v4-32,v5e-256 \
+      [--config=configs/retro.py] [--sizes=172m,425m,1.5b,7.5b] \
+      [--mesh=data=1,fsdp=-1,model=1] [--batch_size=256] [--seq_len=2048]
+
+Model settings (bf16 compute, remat) and the default mesh and batch come
+from the config file for each size (configs/retro.py:<size>).
+"""
+
+import importlib.util
+
+from absl import app
+from absl import flags
+
+from retro_jax import memory_plan
+from retro_jax.config import RetroConfig
+
+_CONFIG = flags.DEFINE_string("config", "configs/retro.py", "Config file "
+                              "with get_config(size).")
+_SIZES = flags.DEFINE_list("sizes", ["172m", "425m", "1.5b", "7.5b"],
+                           "Sizes to plan.")
+_SLICES = flags.DEFINE_list("slices", ["v4-32", "v5e-256"], "TPU slices.")
+_MESH = flags.DEFINE_string("mesh", "", "Mesh, e.g. data=2,fsdp=-1,model=1; "
+                            "empty = the config's.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = config's.")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "Sequence length; 0 = config's.")
+_ACCUM = flags.DEFINE_integer("accum_steps", 0, "Micro-batches; 0 = config's.")
+
+
+def load_config(path, size):
+  spec = importlib.util.spec_from_file_location("plan_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
+
+
+def parse_mesh(text):
+  axes = {}
+  for part in filter(None, text.split(",")):
+    name, _, value = part.partition("=")
+    axes[name.strip()] = int(value)
+  return axes
+
+
+def main(argv):
+  del argv
+  rows = []
+  for size in _SIZES.value:
+    config = load_config(_CONFIG.value, size)
+    cfg = RetroConfig.from_dict(config.model)
+    mesh = parse_mesh(_MESH.value) if _MESH.value else dict(config.mesh)
+    for name in _SLICES.value:
+      row = memory_plan.plan(
+          cfg, name, mesh, _BATCH.value or config.train.batch_size,
+          _SEQ.value or config.train.seq_len,
+          _ACCUM.value or config.train.get("accum_steps", 1))
+      rows.append({"preset": f"{size} ({cfg.compute_dtype}, "
+                             f"remat={cfg.remat})", **row})
+  print(memory_plan.format_table(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
