@@ -23,6 +23,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -31,31 +32,37 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _path(workdir: str, *parts: str) -> epath.Path:
+  """A local or cloud (gs://) path; local ones are made absolute."""
+  root = str(workdir)
+  if "://" not in root:
+    root = os.path.abspath(root)
+  return epath.Path(root).joinpath(*parts)
+
+
 # -- run config -----------------------------------------------------------------
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Writes the run config to `workdir/config.json` (process 0 only; write to
   a temporary name, then rename). Returns the path."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = _path(workdir, CONFIG_FILE)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    tmp.rename(path)
+  return str(path)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run config saved by `save_run_config` (ConfigDict)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = _path(workdir, CONFIG_FILE)
+  if not path.exists():
     raise FileNotFoundError(f"{path}: no run config; is {workdir} the workdir "
                             f"of a training run?")
-  with open(path) as f:
-    try:
-      values = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
   return ml_collections.ConfigDict(values)
 
 
@@ -74,13 +81,13 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
   Compares `config.model` with the saved run config (if any); training
   fields (steps, learning rate, ...) may change between restarts.
   """
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not _path(workdir, CONFIG_FILE).exists():
     return
   saved = load_run_config(workdir)
   diffs = model_differences(saved.model.to_dict(), config.model.to_dict())
   if diffs:
     raise ValueError(
-        f"{os.path.join(workdir, CONFIG_FILE)} describes another model "
+        f"{_path(workdir, CONFIG_FILE)} describes another model "
         f"architecture than this run's config.model; differing fields: "
         f"{'; '.join(diffs)}. Use a new --workdir, or the saved config.")
 
@@ -101,7 +108,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
     if keep < 1:
       raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.directory = str(_path(workdir, CHECKPOINT_DIR))
     self.config = config
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
@@ -162,8 +169,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    path = os.path.join(self.directory, str(step), "config")
-    if not os.path.exists(path):
+    if not epath.Path(self.directory, str(step), "config").exists():
       return None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))
@@ -194,7 +200,7 @@ def restore_params(workdir: str, step: Optional[int] = None, mesh=None
   Shapes come from the checkpoint's own metadata, so no model is built.
   """
   config = load_run_config(workdir)
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  directory = str(_path(workdir, CHECKPOINT_DIR))
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True,
                                                       create=False),
