@@ -26,7 +26,9 @@ yields from step s.
 
 Evaluation (`repeat=False, shuffle=False`): every example of the shard once,
 in file order; the last partial batch is padded to b rows with tokens 0,
-neighbours 0, loss_mask 0 (and doc_ids -1), so shapes stay static for jit.
+neighbours 0, loss_mask 0 (and doc_ids -1), so shapes stay static for jit,
+and a host whose shard is smaller than another's ends with all-padding
+batches, so that every host yields the same number of batches.
 
 Shape glossary:
   b: sequences per host batch.   n: tokens per sequence.   L = n / m.
@@ -164,7 +166,9 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
                         num_shards=num_shards, skip=skip if i == 0 else 0)
 
   rest = None  # Examples carried over to the next block (< b of them).
+  last = None
   for block in blocks():
+    last = block
     if rest is not None:
       block = {k: np.concatenate([rest[k], v]) for k, v in block.items()}
     count = len(block["tokens"])
@@ -172,8 +176,18 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
       yield {k: v[start:start + b] for k, v in block.items()}
     left = count % b
     rest = {k: v[count - left:] for k, v in block.items()} if left else None
-  if rest is not None:  # Only without repeat: the padded last batch.
+  if repeat or last is None:
+    return
+  yielded = -(-(size - min(skip, size)) // b)
+  if rest is not None:  # The padded last batch.
     yield _pad(rest, b - len(rest["tokens"]))
+  # Every host yields as many batches as the largest shard needs (hosts of
+  # a multi-host evaluation step together): empty batches make up the rest.
+  largest = max(_shard_size(task, split, directory, i, num_shards, total)
+                for i in range(num_shards))
+  empty = {k: v[:0] for k, v in (rest or last).items()}
+  for _ in range(-(-(largest - min(skip, largest)) // b) - yielded):
+    yield _pad(empty, b)
 
 
 def _first_length(task: seqio.Task, split: str) -> int:
