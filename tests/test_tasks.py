@@ -300,3 +300,42 @@ def test_inspect_command_prints_chunks_beside_neighbours(setup):
                                repeat=False))[1]
   first_chunk = setup["sp"].decode(example["tokens"][0, :64].tolist())
   assert first_chunk.splitlines()[0] in out.stdout
+
+
+def test_hosts_read_whole_files_when_the_cache_has_enough(setup, tmp_path):
+  """A cache of 2 record files over 2 hosts: seqio shards by file; hosts
+  still cover the split once and step together."""
+  import json
+  import tensorflow as tf
+  src = task_cache.task_dir(NAME, setup["cache_dir"])
+  dst = task_cache.task_dir(NAME, str(tmp_path))
+  shutil.copytree(src, dst)
+  prefix = seqio.get_cached_tfrecord_prefix(dst, "train")
+  records = list(tf.data.TFRecordDataset(f"{prefix}-00000-of-00001"))
+  os.remove(f"{prefix}-00000-of-00001")
+  for i in range(2):                    # Uneven files: 2/3 and 1/3.
+    part = records[:2 * len(records) // 3] if i == 0 else records[
+        2 * len(records) // 3:]
+    with tf.io.TFRecordWriter(f"{prefix}-{i:05d}-of-00002") as w:
+      for r in part:
+        w.write(r.numpy())
+  info_path = seqio.get_cached_info_path(dst, "train")
+  info = json.load(open(info_path))
+  info["num_shards"] = 2
+  json.dump(info, open(info_path, "w"))
+  seen, counts = [], []
+  for host in range(2):
+    rows = list(tasks.batches(NAME, "train", batch_size=4, shard_index=host,
+                              num_shards=2, cache_dir=str(tmp_path),
+                              shuffle=False, repeat=False))
+    counts.append(len(rows))
+    seen += [t.tobytes() for r in rows for t, m in
+             zip(r["tokens"], r["loss_mask"]) if m.any()]
+  assert counts[0] == counts[1] == -(-(2 * len(records) // 3) // 2)
+  every = _all(setup, "train")
+  n = len(records)
+  assert sorted(seen) == sorted(t.tobytes() for t in every["tokens"][:n])
+  # Training streams of both hosts run on past their (unequal) epochs.
+  it = tasks.batches(NAME, "train", batch_size=4, shard_index=1,
+                     num_shards=2, cache_dir=str(tmp_path))
+  assert len([next(it) for _ in range(n)]) == n
