@@ -1,6 +1,7 @@
 """The loss and optimizer of retro_jax.train, against direct computations."""
 
 import jax.numpy as jnp
+import pytest
 import numpy as np
 import optax
 
@@ -53,3 +54,70 @@ def test_clipping_applies_before_adam():
   _, state = opt.update({"w": jnp.full((4,), 100.0)}, opt.init(params), params)
   mu = optax.tree.get(state, "mu")
   np.testing.assert_allclose(optax.tree.norm(mu), (1 - 0.9) * 1.0, rtol=1e-5)
+
+
+# -- RETROfit subsets and gradient accumulation (train_step level) ------------
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from retro_jax import Retro, RetroConfig  # pylint: disable=g-import-not-at-top
+
+
+def _tiny_setup(trainable="all"):
+  cfg = RetroConfig.preset("tiny", vocab_size=128, num_layers=2,
+                           cca_layers=(2,), enc_num_layers=1)
+  model = Retro(cfg)
+  opt = train.make_optimizer(1e-2, warmup_steps=0)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(1, 128, (4, 128)), jnp.int32),
+           "neighbours": jnp.asarray(rng.integers(1, 128, (4, 2, 2, 128)),
+                                     jnp.int32)}
+  state = jax.jit(lambda r, b: train.init_state(model, opt, r, b, trainable))(
+      jax.random.key(0), batch)
+  return model, opt, batch, state
+
+
+def test_split_params_names_retrieval_modules():
+  _, _, _, state = _tiny_setup()
+  trained, frozen = train.split_params(state.params, "retrieval")
+  assert trained and frozen
+  assert all("cca" in m or "encoder" in m for m in trained)
+  assert not any("cca" in m or "encoder" in m for m in frozen)
+  assert train.split_params(state.params, "all") == (state.params, {})
+  with pytest.raises(ValueError, match="trainable must be one of"):
+    train.split_params(state.params, "cca")
+
+
+def test_retrieval_step_leaves_frozen_bits_and_moves_cca():
+  model, opt, batch, state = _tiny_setup("retrieval")
+  before = jax.device_get(state.params)
+  step = jax.jit(lambda s, b: train.train_step(model, opt, s, b,
+                                               "retrieval"))
+  for _ in range(2):
+    state, _ = step(state, batch)
+  after = jax.device_get(state.params)
+  for module in before:
+    for name in before[module]:
+      same = np.array_equal(before[module][name], after[module][name])
+      assert same != train.is_retrieval_module(module), (module, name)
+  # Adam moments exist for the trained subset only, sharded like it.
+  mu = optax.tree.get(state.opt_state, "mu")
+  assert set(mu) == set(train.split_params(before, "retrieval")[0])
+
+
+def test_accumulated_step_equals_whole_batch_step():
+  # Plain SGD: the update is the gradient itself (Adam's first step is
+  # sign(g) * lr, which turns rounding of near-zero gradients into lr).
+  model, _, batch, state = _tiny_setup()
+  opt = optax.sgd(1.0)
+  state = state._replace(opt_state=opt.init(state.params))
+  one, m1 = jax.jit(lambda s, b: train.train_step(model, opt, s, b))(
+      state, batch)
+  _, _, _, state = _tiny_setup()
+  state = state._replace(opt_state=opt.init(state.params))
+  two, m2 = jax.jit(lambda s, b: train.train_step(
+      model, opt, s, b, accum_steps=2))(state, batch)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(one.params),
+                  jax.tree_util.tree_leaves(two.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
