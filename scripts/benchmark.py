@@ -47,11 +47,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import retro_jax
 from retro_jax import flops
+from retro_jax import progress
 from retro_jax import sharding
 from retro_jax import train
 
@@ -68,21 +68,6 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternations of ours and the "
 
 def log(msg):
   print(msg, file=sys.stderr, flush=True)
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Best float32 GFLOP/s of an n^3 jitted matmul on this process's cores."""
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best / 1e9
 
 
 def random_batch(cfg: retro_jax.RetroConfig, batch: int, seq_len: int,
@@ -160,7 +145,7 @@ def main(argv):
   t0 = time.perf_counter()
   ours.run(config.bench.warmup)
   log(f"[retro_jax] compile + warmup {time.perf_counter() - t0:.1f} s")
-  peak = matmul_peak_gflops()
+  peak = progress.matmul_peak_flops() / 1e9   # float32 GFLOP/s.
   log(f"[retro_jax] float32 matmul peak {peak:.1f} GFLOP/s")
 
   our_times, peer_runs = [], []

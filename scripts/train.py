@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
@@ -38,6 +39,8 @@ def on_tpu_vm() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:   # Progress lines go to stdout;
+    logging.set_verbosity(logging.WARNING)  # -v 0 shows orbax/clu INFO logs.
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
                                     and on_tpu_vm()):
