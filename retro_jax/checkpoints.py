@@ -49,7 +49,7 @@ def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
     tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)
   return str(path)
 
 
