@@ -1,5 +1,5 @@
 """Evaluation: bits per byte by hand, retrieval off == no CCA, leakage table,
-sliding windows, the evaluate script on a trained run."""
+sliding windows. (The evaluate script runs in test_run.py.)"""
 
 import math
 import os
@@ -53,6 +53,7 @@ def test_token_bytes_sum_to_the_decoded_text(sp, stdlib_ids):
   assert any(sp.is_byte(i) for i in sp.encode(TEXTS[2]))  # Fallback used.
 
 
+@pytest.mark.slow
 def test_bits_per_byte_equals_hand_computed(sp, stdlib_ids):
   cfg = RetroConfig.preset("tiny")
   model = Retro(cfg)
@@ -83,6 +84,7 @@ def test_bits_per_byte_equals_hand_computed(sp, stdlib_ids):
                                                rel=1e-5)
 
 
+@pytest.mark.slow
 def test_retrieval_off_equals_the_model_without_cca(tiny, make_tokens,
                                                     make_neighbours):
   model = Retro(tiny)
