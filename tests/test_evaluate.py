@@ -2,7 +2,6 @@
 sliding windows. (The evaluate script runs in test_run.py.)"""
 
 import math
-import os
 
 import haiku as hk
 import jax

@@ -1,6 +1,5 @@
 """KV-cached decoding and generation with retrieval at chunk boundaries."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,6 @@ import pytest
 
 from retro_jax import sampling
 from retro_jax.config import RetroConfig
-from retro_jax.corpus import vocab
 from retro_jax.decoding import Decoder
 from retro_jax.model import Retro
 from retro_jax.retrieval import pipeline
