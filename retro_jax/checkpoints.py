@@ -40,7 +40,7 @@ def _path(workdir: str, *parts: str) -> epath.Path:
   return epath.Path(root).joinpath(*parts)
 
 
-# -- run config -----------------------------------------------------------------
+# -- run config ---------------------------------------------------------------
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
   """Writes the run config to `workdir/config.json` (process 0 only; write to
   a temporary name, then rename). Returns the path."""
@@ -92,7 +92,7 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
         f"{'; '.join(diffs)}. Use a new --workdir, or the saved config.")
 
 
-# -- checkpoints ------------------------------------------------------------------
+# -- checkpoints --------------------------------------------------------------
 class Checkpointer:
   """Saves and restores train states (+ data position) under
   `workdir/checkpoints`, every `save_every` steps, keeping the last `keep`.
@@ -190,7 +190,7 @@ def abstract_with_shardings(abstract, shardings):
       abstract, shardings)
 
 
-# -- params only (evaluation, sampling, RETROfit) ------------------------------------
+# -- params only (evaluation, sampling, RETROfit) -----------------------------
 def restore_params(workdir: str, step: Optional[int] = None, mesh=None
                    ) -> Tuple[ml_collections.ConfigDict, Any, int]:
   """(run config, params, step) of a run's checkpoint (latest unless `step`).

@@ -25,6 +25,7 @@ import signal
 from typing import Any, Dict, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -77,6 +78,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if tc.trainable not in train_lib.TRAINABLE:
     raise ValueError(f"config.train.trainable must be one of "
                      f"{train_lib.TRAINABLE}, got {tc.trainable!r}")
+  if tc.trainable == "retrieval" and not tc.init_from:
+    raise ValueError("config.train.trainable='retrieval' (RETROfit) needs "
+                     "config.train.init_from: the workdir of a trained "
+                     "baseline (no-CCA) run")
   if tc.steps < 1 or tc.log_every < 1:
     raise ValueError("config.train.steps and log_every must be >= 1")
 
@@ -125,31 +130,33 @@ def _retrofit_params(config, model_cfg: RetroConfig, params, param_sharding,
 
 
 class _SigtermFlag:
-  """Records SIGTERM (preemption) while installed; restores the old
-  handler on exit."""
+  """Whether to stop for a preemption (SIGTERM) at a step; restores the old
+  signal handler on exit."""
 
   def __init__(self):
     self.raised = False
     self._old = None
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    # Multi-host: jax.distributed's preemption service catches SIGTERM and
+    # picks a step all hosts stop at (`stop_now`); single host: our handler.
+    if jax.process_count() == 1:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.raised = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
   def stop_now(self, step: int) -> bool:
     if jax.process_count() > 1:   # All hosts stop at the same step.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
-        return multihost_utils.reached_preemption_sync_point(step) or \
-            self.raised
+        return multihost_utils.reached_preemption_sync_point(step)
       except Exception:  # pylint: disable=broad-except
-        pass
+        pass   # No preemption service: each host's own SIGTERM.
     return self.raised
 
 
@@ -182,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   model = Retro(cfg)
   schedule = train_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
-                                 tc.total_steps, tc.end_lr_ratio)
+                                     tc.total_steps, tc.end_lr_ratio)
   optimizer = train_lib.make_optimizer(
       tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.end_lr_ratio,
       weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
@@ -206,7 +213,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     with jax.set_mesh(mesh):
       def init(rng):   # Zero inputs built inside: only shapes matter.
         zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_abs.items()}
-        return train_lib.init_state(model, optimizer, rng, zeros, tc.trainable)
+        return train_lib.init_state(model, optimizer, rng, zeros,
+                                    tc.trainable)
       state = jax.jit(init, out_shardings=state_sh)(jax.random.key(tc.seed))
       if tc.trainable == "retrieval":
         state = state._replace(params=_retrofit_params(
@@ -220,8 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           f"{jax.device_count()} devices / {jax.process_count()} hosts; "
           f"start step {start} of {tc.steps}", flush=True)
 
-  step_fn = train_lib.jit_train_step(model, optimizer, mesh, state_sh, batch_abs,
-                                 tc.trainable, tc.accum_steps)
+  step_fn = train_lib.jit_train_step(model, optimizer, mesh, state_sh,
+                                     batch_abs, tc.trainable, tc.accum_steps)
   logger = progress.MetricsLogger(
       workdir, total_steps=tc.steps,
       tokens_per_step=tc.batch_size * tc.seq_len,

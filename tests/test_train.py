@@ -87,6 +87,7 @@ def test_split_params_names_retrieval_modules():
     train.split_params(state.params, "cca")
 
 
+@pytest.mark.slow
 def test_retrieval_step_leaves_frozen_bits_and_moves_cca():
   model, opt, batch, state = _tiny_setup("retrieval")
   before = jax.device_get(state.params)
@@ -104,6 +105,7 @@ def test_retrieval_step_leaves_frozen_bits_and_moves_cca():
   assert set(mu) == set(train.split_params(before, "retrieval")[0])
 
 
+@pytest.mark.slow
 def test_accumulated_step_equals_whole_batch_step():
   # Plain SGD: the update is the gradient itself (Adam's first step is
   # sign(g) * lr, which turns rounding of near-zero gradients into lr).
