@@ -11,7 +11,7 @@ Position t predicts token t + 1, so each sequence has N - 1 targets.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import haiku as hk
 import jax

@@ -56,10 +56,6 @@ class NonFiniteLossError(RuntimeError):
   """The loss or gradient became NaN or inf; the run stopped."""
 
 
-class Preempted(Exception):
-  """Internal: a SIGTERM arrived."""
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming missing config sections or fields."""
   missing = []

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from retro_jax import Retro, RetroConfig, memory_plan, sharding, train

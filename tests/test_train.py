@@ -1,11 +1,13 @@
-"""The loss and optimizer of retro_jax.train, against direct computations."""
+"""retro_jax.train against direct computations: the loss, the optimizer,
+RETROfit parameter subsets and gradient accumulation."""
 
+import jax
 import jax.numpy as jnp
-import pytest
 import numpy as np
 import optax
+import pytest
 
-from retro_jax import train
+from retro_jax import Retro, RetroConfig, train
 
 
 def test_cross_entropy_equals_direct_sum():
@@ -57,11 +59,6 @@ def test_clipping_applies_before_adam():
 
 
 # -- RETROfit subsets and gradient accumulation (train_step level) ------------
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from retro_jax import Retro, RetroConfig  # pylint: disable=g-import-not-at-top
-
-
 def _tiny_setup(trainable="all"):
   cfg = RetroConfig.preset("tiny", vocab_size=128, num_layers=2,
                            cca_layers=(2,), enc_num_layers=1)
