@@ -6,8 +6,10 @@ resumes from, it returns an iterator of this host's numpy batches
   {"tokens": int32 [b, n], "neighbours": int32 [b, L, k, r],
    "loss_mask": int32 [b, n]}
 
-with b = global batch / number of hosts. Batches are a pure function of
-(source, seed, step), so the data position saved in a checkpoint is the step.
+with b = global batch / number of data shards (`sharding.host_batch_shard`:
+hosts holding replicas of the same rows read the same shard). Batches are a
+pure function of (source, seed, step), so the data position saved in a
+checkpoint is the step.
 
 Sources (`config.data.source`):
   synthetic  tokens from a fixed random bigram chain (learnable, so the loss
@@ -23,12 +25,12 @@ neighbours, r neighbour length, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
-import jax
 import ml_collections
 import numpy as np
 
+from retro_jax import sharding
 from retro_jax.config import RetroConfig
 
 Batch = Dict[str, np.ndarray]
@@ -65,9 +67,10 @@ def synthetic_batch(cfg: RetroConfig, batch_size: int, seq_len: int,
 
 
 def synthetic_source(cfg: RetroConfig, batch_size: int, seq_len: int,
-                     seed: int) -> DataSource:
-  """`start_step -> iterator` of synthetic batches for this host."""
-  shard, shards = jax.process_index(), jax.process_count()
+                     seed: int, *, shard: Tuple[int, int]) -> DataSource:
+  """`start_step -> iterator` of synthetic batches for this host; `shard`
+  is its (index, count) from `sharding.host_batch_shard`."""
+  shard, shards = shard
 
   def iterate(start_step: int) -> Iterator[Batch]:
     step = start_step
@@ -78,8 +81,10 @@ def synthetic_source(cfg: RetroConfig, batch_size: int, seq_len: int,
   return iterate
 
 
-def task_source(config: ml_collections.ConfigDict) -> DataSource:
-  """`start_step -> iterator` over the seqio Task named by `config.data`."""
+def task_source(config: ml_collections.ConfigDict, *,
+                shard: Tuple[int, int]) -> DataSource:
+  """`start_step -> iterator` over the seqio Task named by `config.data`;
+  `shard` is this host's (index, count) from `sharding.host_batch_shard`."""
   from retro_jax import tasks  # pylint: disable=g-import-not-at-top
   d, tc = config.data, config.train
   for field in ("task_name", "corpus", "spm_path", "db_dir", "cache_dir"):
@@ -95,22 +100,28 @@ def task_source(config: ml_collections.ConfigDict) -> DataSource:
   def iterate(start_step: int) -> Iterator[Batch]:
     return tasks.batches(
         d.task_name, d.split, batch_size=tc.batch_size, cache_dir=d.cache_dir,
-        seed=tc.seed, shard_index=jax.process_index(),
-        num_shards=jax.process_count(), start_step=start_step)
+        seed=tc.seed, shard_index=shard[0], num_shards=shard[1],
+        start_step=start_step)
   return iterate
 
 
-def make_source(config: ml_collections.ConfigDict) -> DataSource:
-  """The data source `config.data.source` names."""
+def make_source(config: ml_collections.ConfigDict,
+                mesh: Optional[sharding.Mesh] = None) -> DataSource:
+  """The data source `config.data.source` names, reading this host's rows
+  of the batch as laid out on `mesh` (default: `config.mesh` over all
+  devices)."""
   source = config.data.source
   if source not in SOURCES:
     raise ValueError(f"config.data.source must be one of {SOURCES}, got "
                      f"{source!r}")
+  if mesh is None:
+    mesh = sharding.make_mesh(dict(config.mesh))
+  shard = sharding.host_batch_shard(mesh, config.train.batch_size)
   if source == "task":
-    return task_source(config)
+    return task_source(config, shard=shard)
   cfg = RetroConfig.from_dict(config.model)
   return synthetic_source(cfg, config.train.batch_size, config.train.seq_len,
-                          config.train.seed)
+                          config.train.seed, shard=shard)
 
 
 def data_position(config: ml_collections.ConfigDict, step: int) -> dict:

@@ -183,3 +183,41 @@ def global_batch(batch, mesh: Mesh):
   return jax.tree_util.tree_map(
       lambda a: jax.make_array_from_process_local_data(
           batch_sharding(mesh, np.ndim(a)), np.asarray(a)), batch)
+
+
+# -- host data shards ---------------------------------------------------------
+def row_shards(device_rows: Sequence[Tuple[int, int, int]], process: int
+               ) -> Tuple[int, int]:
+  """(shard index, number of shards) of `process`'s rows of the batch.
+
+  Args:
+    device_rows: (process index, first row, end row) of every device's block
+      of the global batch.
+    process: the process to place.
+  Processes whose devices hold the same rows (replicas, e.g. when the `model`
+  axis spans hosts) get the same shard; the distinct row ranges must tile the
+  batch in equal contiguous blocks.
+  """
+  ranges = {}
+  for p, start, stop in device_rows:
+    lo, hi = ranges.get(p, (start, stop))
+    ranges[p] = (min(lo, start), max(hi, stop))
+  blocks = sorted(set(ranges.values()))
+  ends = [0] + [hi for _, hi in blocks]
+  if ([lo for lo, _ in blocks] != ends[:-1] or
+      len({hi - lo for lo, hi in blocks}) != 1):
+    raise ValueError(f"the batch rows of the processes {ranges} do not tile "
+                     f"the batch in equal contiguous blocks")
+  return blocks.index(ranges[process]), len(blocks)
+
+
+def host_batch_shard(mesh: Mesh, batch_size: int,
+                     process: Optional[int] = None) -> Tuple[int, int]:
+  """(shard index, number of shards) of the rows this process (default
+  `jax.process_index()`) must read so `global_batch` builds a consistent
+  array: hosts that hold replicas of the same rows read the same shard."""
+  check_batch_divides(batch_size, mesh)
+  indices = batch_sharding(mesh, 1).devices_indices_map((batch_size,))
+  rows = [(d.process_index,) + idx[0].indices(batch_size)[:2]
+          for d, idx in indices.items()]
+  return row_shards(rows, jax.process_index() if process is None else process)
