@@ -64,6 +64,7 @@ def get_config():
   config.data.corpus = "python_stdlib"  # Corpus spec (corpus.sources).
   config.data.split = "train"           # Split the Task is read from.
   config.data.max_bytes = 2_000_000     # Text per split the Task reads.
+  config.data.meta_filter = ""          # Document meta "k=v,..."; "" = all.
   config.data.spm_path = "runs/quickstart/db/spm.model"  # The DB's vocabulary.
   config.data.db_dir = "runs/quickstart/db"     # Retrieval DB (build_db.py).
   config.data.cache_dir = "runs/quickstart/cache"  # seqio cache of the Task.

@@ -87,15 +87,15 @@ def task_source(config: ml_collections.ConfigDict, *,
   `shard` is this host's (index, count) from `sharding.host_batch_shard`."""
   from retro_jax import tasks  # pylint: disable=g-import-not-at-top
   d, tc = config.data, config.train
-  for field in ("task_name", "corpus", "spm_path", "db_dir", "cache_dir"):
+  for field in ("task_name", "corpus", "db_dir", "cache_dir"):
     if not d.get(field):
       raise ValueError(f"config.data.{field} must be set when "
                        f"config.data.source='task'")
   cfg = RetroConfig.from_dict(config.model)
-  tasks.register_retro_task(
-      d.task_name, corpus=d.corpus, spm_path=d.spm_path, db_dir=d.db_dir,
-      seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
-      max_bytes=d.max_bytes or None)
+  tasks.register_for_reading(
+      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", ""),
+      db_dir=d.db_dir, seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
+      max_bytes=d.max_bytes or None, meta_filter=d.get("meta_filter", ""))
 
   def iterate(start_step: int) -> Iterator[Batch]:
     return tasks.batches(

@@ -27,8 +27,15 @@ yields from step s.
 Evaluation (`repeat=False, shuffle=False`): every example of the shard once,
 in file order; the last partial batch is padded to b rows with tokens 0,
 neighbours 0, loss_mask 0 (and doc_ids -1), so shapes stay static for jit,
-and a host whose shard is smaller than another's ends with all-padding
-batches, so that every host yields the same number of batches.
+and a host whose shard is smaller than another's (or empty) ends with
+all-padding batches, so that every host yields the same number of batches.
+
+Reading: each iterator opens the split's record files in the directory
+`require_complete` checked, with seqio's cache format (the info JSON's
+feature spec) and seqio's order (`FileDataSource`, as
+`Task.get_dataset(use_cached=True)` reads), so no shared, registered Task
+is pointed at one cache directory: training and an evaluation reading
+another cache_dir run side by side.
 
 Shape glossary:
   b: sequences per host batch.   n: tokens per sequence.   L = n / m.
@@ -38,7 +45,7 @@ Shape glossary:
 from __future__ import annotations
 
 import itertools
-import os
+import json
 from typing import Dict, Iterator, Union
 
 import numpy as np
@@ -62,27 +69,89 @@ def _shard_info(shard_index: int, num_shards: int):
   return seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
 
 
-def _epoch(task: seqio.Task, split: str, converter: RetroFeatureConverter,
-           lengths, *, shuffle: bool, seed: int, epoch: int, shard_index: int,
-           num_shards: int, skip: int) -> Iterator[Dict[str, np.ndarray]]:
+def _read_json(path: str):
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def cached_split(directory: str, split: str) -> seqio.FileDataSource:
+  """The examples of `split` cached in `directory` (a task directory).
+
+  Parses the records with the feature spec of the split's info JSON, as
+  seqio's cache reader does (int32 stored as int64, cast back), and keeps
+  seqio's file reading order (`FileDataSource` defaults).
+  """
+  info = _read_json(seqio.get_cached_info_path(directory, split))
+  stats = _read_json(seqio.get_cached_stats_path(directory, split))
+  features = info["features"]
+  description = {}
+  for key, feat in features.items():
+    shape, dtype = feat["shape"], feat["dtype"]
+    stored = "int64" if dtype in ("int32", "bool") else dtype
+    if any(x is None for x in shape[1:]):
+      raise ValueError(f"{seqio.get_cached_info_path(directory, split)}: "
+                       f"feature {key!r} has shape {shape}; only the first "
+                       "dimension may vary")
+    if shape and shape[0] is None:
+      description[key] = tf.io.FixedLenSequenceFeature(
+          shape[1:], stored, allow_missing=True)
+    else:
+      description[key] = tf.io.FixedLenFeature(shape, stored)
+
+  def read_file_fn(files):
+    ds = tf.data.TFRecordDataset(files).map(
+        lambda pb: tf.io.parse_single_example(pb, description),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda ex: {k: tf.cast(v, features[k]["dtype"])
+                              for k, v in ex.items()},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  pattern = "%s-*-of-*%d" % (seqio.get_cached_tfrecord_prefix(directory,
+                                                              split),
+                             info["num_shards"])
+  return seqio.FileDataSource(read_file_fn, {split: pattern},
+                              num_input_examples={split: stats["examples"]})
+
+
+def _dataset(source: seqio.FileDataSource, split: str, *, shuffle: bool,
+             seed, shard_index: int, num_shards: int,
+             shuffle_buffer_size: int) -> tf.data.Dataset:
+  """This host's examples of one pass, as `Task.get_dataset(use_cached=True,
+  num_epochs=1)` yields them: whole files per host when there are enough,
+  else every num_shards-th example; then the example shuffle."""
+  shard_info = _shard_info(shard_index, num_shards)
+  if shard_info is None or len(source.list_shards(split)) >= num_shards:
+    ds = source.get_dataset(split=split, shuffle=shuffle, seed=seed,
+                            shard_info=shard_info)
+  else:
+    ds = source.get_dataset(split=split, shuffle=shuffle, seed=seed)
+    ds = ds.shard(num_shards, shard_index)
+  if shuffle:
+    ds = ds.shuffle(shuffle_buffer_size, seed=seed)
+  return ds
+
+
+def _epoch(source: seqio.FileDataSource, split: str,
+           converter: RetroFeatureConverter, lengths, *, shuffle: bool,
+           seed: int, epoch: int, shard_index: int, num_shards: int,
+           shuffle_buffer_size: int,
+           skip: int) -> Iterator[Dict[str, np.ndarray]]:
   """Blocks of up to _READ_BLOCK examples of one epoch, after `skip`."""
-  ds = task.get_dataset(
-      sequence_length=None, split=split, use_cached=True, shuffle=shuffle,
-      seed=epoch_seed(seed, epoch) if shuffle else None,
-      shard_info=_shard_info(shard_index, num_shards), num_epochs=1,
-      trim_output_features=False, try_in_mem_cache=False)
+  ds = _dataset(source, split, shuffle=shuffle,
+                seed=epoch_seed(seed, epoch) if shuffle else None,
+                shard_index=shard_index, num_shards=num_shards,
+                shuffle_buffer_size=shuffle_buffer_size)
   ds = converter(ds, lengths).skip(skip).batch(_READ_BLOCK)
   yield from ds.as_numpy_iterator()
 
 
-def _shard_size(task: seqio.Task, split: str, directory: str,
+def _shard_size(source: seqio.FileDataSource, split: str, stamp: tuple,
                 shard_index: int, num_shards: int, total: int) -> int:
   """Examples in this host's shard (counted once per process if seqio
   shards by file, arithmetic if it shards by example)."""
-  stamp = os.path.getmtime(os.path.join(directory, task_cache.COMPLETED))
-  key = (directory, stamp, split, shard_index, num_shards)
+  key = stamp + (split, shard_index, num_shards)
   if key not in _SHARD_SIZES:
-    files = task._get_cached_source(split).list_shards(split)  # pylint: disable=protected-access
+    files = source.list_shards(split)
     if num_shards == 1:
       size = total
     elif len(files) < num_shards:  # seqio shards by example.
@@ -93,6 +162,15 @@ def _shard_size(task: seqio.Task, split: str, directory: str,
           np.int64(0), lambda c, _: c + 1))
     _SHARD_SIZES[key] = size
   return _SHARD_SIZES[key]
+
+
+def _first_block(source: seqio.FileDataSource, split: str,
+                 converter: RetroFeatureConverter,
+                 lengths) -> Dict[str, np.ndarray]:
+  """The split's first converted example as a block of one."""
+  ds = converter(source.get_dataset(split=split, shuffle=False).take(1),
+                 lengths)
+  return next(ds.batch(1).as_numpy_iterator())
 
 
 def _pad(block: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
@@ -130,28 +208,28 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
     IncompleteCacheError: the split is not completely cached (the message
       names the directory and the command to run).
     ValueError: batch_size does not split over the hosts, or a host's
-      shard is empty.
+      shard is empty and `repeat` (an evaluation pass yields padding).
   """
   task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
   directory = task_cache.require_complete(task.name, cache_dir, (split,))
-  # The directory was checked complete: point the Task at it, whatever
-  # other cache directories seqio knows of.
-  task._cache_dir = directory  # pylint: disable=protected-access
-  task._stats.pop(split, None)  # pylint: disable=protected-access
+  # Read from the directory just checked, whatever cache directories seqio
+  # knows of (the registered Task is shared: it is not touched).
+  source = cached_split(directory, split)
+  stamp = (directory, task_cache.completion_stamp(directory))
   if batch_size % num_shards:
     raise ValueError(f"batch size {batch_size} does not split over "
                      f"{num_shards} hosts")
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
   b = batch_size // num_shards
-  total = int(task.get_cached_stats(split)["examples"])
-  size = _shard_size(task, split, directory, shard_index, num_shards, total)
-  if size == 0:
+  total = int(source.num_input_examples(split))
+  size = _shard_size(source, split, stamp, shard_index, num_shards, total)
+  if size == 0 and repeat:
     raise ValueError(f"host {shard_index} of {num_shards} has no example of "
                      f"{task.name}:{split} ({total} in all)")
   converter = RetroFeatureConverter(with_doc_ids=with_doc_ids)
   spec = task_cache.TASK_SPECS.get(task.name, {})
-  n = spec.get("seq_len") or _first_length(task, split)
+  n = spec.get("seq_len") or _first_length(source, split)
   lengths = converter.task_feature_lengths(n)
 
   offset = start_step * b
@@ -161,9 +239,11 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
 
   def blocks():
     for i, epoch in enumerate(epochs):
-      yield from _epoch(task, split, converter, lengths, shuffle=shuffle,
+      yield from _epoch(source, split, converter, lengths, shuffle=shuffle,
                         seed=seed, epoch=epoch, shard_index=shard_index,
-                        num_shards=num_shards, skip=skip if i == 0 else 0)
+                        num_shards=num_shards,
+                        shuffle_buffer_size=task.shuffle_buffer_size,
+                        skip=skip if i == 0 else 0)
 
   rest = None  # Examples carried over to the next block (< b of them).
   last = None
@@ -176,23 +256,25 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
       yield {k: v[start:start + b] for k, v in block.items()}
     left = count % b
     rest = {k: v[count - left:] for k, v in block.items()} if left else None
-  if repeat or last is None:
+  if repeat:
     return
   yielded = -(-(size - min(skip, size)) // b)
   if rest is not None:  # The padded last batch.
     yield _pad(rest, b - len(rest["tokens"]))
   # Every host yields as many batches as the largest shard needs (hosts of
-  # a multi-host evaluation step together): empty batches make up the rest.
-  largest = max(_shard_size(task, split, directory, i, num_shards, total)
+  # a multi-host evaluation step together): empty batches make up the rest,
+  # all of them for a host whose shard is empty.
+  largest = max(_shard_size(source, split, stamp, i, num_shards, total)
                 for i in range(num_shards))
+  if last is None:
+    last = _first_block(source, split, converter, lengths)
   empty = {k: v[:0] for k, v in (rest or last).items()}
   for _ in range(-(-(largest - min(skip, largest)) // b) - yielded):
     yield _pad(empty, b)
 
 
-def _first_length(task: seqio.Task, split: str) -> int:
+def _first_length(source: seqio.FileDataSource, split: str) -> int:
   """n of a cached split, read from its first example (Task registered
   without a spec, e.g. by other code)."""
-  ds = task.get_dataset(sequence_length=None, split=split, use_cached=True,
-                        shuffle=False, try_in_mem_cache=False)
+  ds = source.get_dataset(split=split, shuffle=False)
   return int(next(iter(ds))["tokens"].shape[0])

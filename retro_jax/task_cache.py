@@ -13,6 +13,7 @@ Layout of `<cache_dir>/<task name>/`:
   retro_task.json                   what was cached (task arguments, DB and
                                     vocabulary identity) and the summary
   COMPLETED                         written last, after every split finished
+                                    (holds the finish time of retro_task.json)
 
 Nothing half-written reads as complete: a crashed job leaves no COMPLETED,
 and `require_complete` refuses a directory without it (or with a missing
@@ -20,17 +21,22 @@ split file, or cached for other Task arguments), naming the directory and
 the command that rebuilds it. A rerun removes such a directory and starts
 over; a rerun over a complete cache does nothing, or, asked for more splits,
 keeps the complete ones and computes only the others.
+
+Files go through `tf.io.gfile`, so `cache_dir` may be local or on GCS
+(gs://bucket/cache), where pods read it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import seqio
+import tensorflow as tf
+
+gfile = tf.io.gfile
 
 COMPLETED = "COMPLETED"
 RETRO_TASK = "retro_task.json"
@@ -51,6 +57,12 @@ class IncompleteCacheError(RuntimeError):
   """A cache directory that is missing, unfinished or for other arguments."""
 
 
+def normalize_path(path: str) -> str:
+  """An absolute local path (so "./runs/db" and "runs/db" compare equal);
+  URLs such as gs://bucket/db as they are."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def task_dir(name: str, cache_dir: str) -> str:
   """Where seqio puts Task `name` under `cache_dir`."""
   return os.path.join(cache_dir, seqio.get_task_dir_from_name(name))
@@ -58,45 +70,58 @@ def task_dir(name: str, cache_dir: str) -> str:
 
 def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
+  with gfile.GFile(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, path)
+  gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_json(path: str) -> Any:
+  with gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def _comparable(spec: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+  """`spec` as compared: records of earlier versions also held the Task's
+  splits (not part of a split's content) and the DB path as given."""
+  out = {k: v for k, v in (spec or {}).items() if k != "splits"}
+  if isinstance(out.get("db_dir"), str):
+    out["db_dir"] = normalize_path(out["db_dir"])
+  return out
 
 
 def _problem(name: str, directory: str, splits: Sequence[str]
              ) -> Optional[str]:
   """Why `directory` is not a complete cache of Task `name` (None if it is)."""
-  if not os.path.isdir(directory):
+  if not gfile.isdir(directory):
     return "does not exist"
-  if not os.path.isfile(os.path.join(directory, COMPLETED)):
+  if not gfile.exists(os.path.join(directory, COMPLETED)):
     return (f"has no {COMPLETED} file: the cache job did not finish "
             "(crashed or still running)")
   try:
-    with open(os.path.join(directory, RETRO_TASK)) as f:
-      record = json.load(f)
-  except (OSError, ValueError) as e:
+    record = _read_json(os.path.join(directory, RETRO_TASK))
+  except (OSError, ValueError, tf.errors.OpError) as e:
     return f"has no readable {RETRO_TASK}: {e}"
   spec = TASK_SPECS.get(name)
-  if spec is not None and record.get("spec") != spec:
-    changed = sorted(k for k in set(spec) | set(record.get("spec", {}))
-                     if spec.get(k) != record.get("spec", {}).get(k))
+  if spec is not None and _comparable(record.get("spec")) != spec:
+    have = _comparable(record.get("spec"))
+    changed = sorted(k for k in set(spec) | set(have)
+                     if spec.get(k) != have.get(k))
     return (f"was cached for other Task arguments (differing: "
             f"{', '.join(changed)})")
   for split in splits:
     info_path = seqio.get_cached_info_path(directory, split)
     stats_path = seqio.get_cached_stats_path(directory, split)
     for path in (info_path, stats_path):
-      if not os.path.isfile(path):
+      if not gfile.exists(path):
         return f"lacks {os.path.basename(path)} (split {split!r} not cached)"
     try:
-      with open(info_path) as f:
-        num_files = json.load(f)["num_shards"]
-    except (OSError, ValueError, KeyError) as e:
+      num_files = _read_json(info_path)["num_shards"]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
       return f"has an unreadable {os.path.basename(info_path)}: {e}"
     prefix = seqio.get_cached_tfrecord_prefix(directory, split)
     want = {f"{os.path.basename(prefix)}-{i:05d}-of-{num_files:05d}"
             for i in range(num_files)}
-    missing = want - set(os.listdir(directory))
+    missing = want - set(gfile.listdir(directory))
     if missing:
       return f"lacks {len(missing)} of {num_files} record files of {split!r}"
   return None
@@ -122,18 +147,24 @@ def require_complete(name: str, cache_dir: str,
 def cached_summary(name: str, cache_dir: str) -> Dict[str, Any]:
   """The summary `cache_task` recorded for a complete cache."""
   directory = require_complete(name, cache_dir, ())
-  with open(os.path.join(directory, RETRO_TASK)) as f:
-    return json.load(f)["summary"]
+  return _read_json(os.path.join(directory, RETRO_TASK))["summary"]
+
+
+def completion_stamp(directory: str) -> str:
+  """What tells one finished cache job's output from another's in a
+  complete task directory: the finish time its record holds (read from the
+  file, as mtimes are not dependable on GCS)."""
+  return str(_read_json(os.path.join(directory, RETRO_TASK)).get("finished"))
 
 
 def _remove_split(directory: str, split: str) -> None:
   """Deletes whatever a split's earlier, unfinished cache run left."""
   prefix = os.path.basename(seqio.get_cached_tfrecord_prefix(directory, split))
-  for fname in os.listdir(directory):
+  for fname in gfile.listdir(directory):
     if fname.startswith(prefix) or fname in (
         os.path.basename(seqio.get_cached_info_path(directory, split)),
         os.path.basename(seqio.get_cached_stats_path(directory, split))):
-      os.remove(os.path.join(directory, fname))
+      gfile.remove(os.path.join(directory, fname))
 
 
 def _stats_of(ex: Mapping[str, Any]):
@@ -178,9 +209,8 @@ def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
     _ = (clean | f"{split}_stats" >> beam_utils.GetStats(task.output_features)
          | f"{split}_write_stats" >> beam_utils.WriteJson(
              seqio.get_cached_stats_path(directory, split)))
-  with open(counts_path) as f:
-    sequences, chunks, dropped, missing = json.load(f)
-  os.remove(counts_path)
+  sequences, chunks, dropped, missing = _read_json(counts_path)
+  gfile.remove(counts_path)
   return {"sequences": sequences, "chunks": chunks, "dropped": dropped,
           "missing": missing}
 
@@ -222,16 +252,16 @@ def cache_task(name: str, cache_dir: str,
             if _problem(name, directory, (split,)) is None}
   if kept:
     log(f"{name}: reusing cached splits {sorted(kept)} in {directory}")
-    os.remove(os.path.join(directory, COMPLETED))  # Incomplete from now on.
+    gfile.remove(os.path.join(directory, COMPLETED))  # Incomplete from now.
     for split in splits:
       if split not in kept:
         _remove_split(directory, split)
   else:
-    if os.path.exists(directory):
+    if gfile.exists(directory):
       log(f"{name}: removing {directory} "
           f"({_problem(name, directory, splits) or 'overwrite requested'})")
-      shutil.rmtree(directory)
-    os.makedirs(directory)
+      gfile.rmtree(directory)
+    gfile.makedirs(directory)
   global progress_hook
   summary: Dict[str, Any] = dict(kept)
   for split in (s for s in splits if s not in kept):
@@ -259,6 +289,7 @@ def cache_task(name: str, cache_dir: str,
             "spec": TASK_SPECS.get(name), "finished": time.time()}
   _write_atomic(os.path.join(directory, RETRO_TASK),
                 json.dumps(record, indent=2, sort_keys=True))
-  _write_atomic(os.path.join(directory, COMPLETED), "")  # Last of all.
+  _write_atomic(os.path.join(directory, COMPLETED),  # Last of all.
+                f"{record['finished']}\n")
   log(f"{name}: cached in {directory}")
   return summary

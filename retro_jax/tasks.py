@@ -25,8 +25,8 @@ Shape glossary:
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
+from typing import (Any, Dict, Iterator, Mapping, Optional, Sequence,
+                    Union)
 
 import numpy as np
 import seqio
@@ -157,14 +157,21 @@ def attach_neighbours(ds: tf.data.Dataset, *, db_dir: str, spm_path: str,
 
 # --- Registration ---------------------------------------------------------
 
-def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, splits,
-          max_bytes, meta_filter, manifest) -> Dict[str, Any]:
-  """What identifies the cached data of a Task (JSON-comparable)."""
+def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
+          meta_filter, manifest) -> Dict[str, Any]:
+  """What identifies the cached examples of a split (JSON-comparable).
+
+  Only what changes the examples: not the Task's list of splits (each split
+  is cached and checked on its own) nor the retrieval batch size, so a
+  reader (training, evaluation) registering the Task with other splits
+  reads the cache the cache job wrote.
+  """
   return {"cache_format": CACHE_FORMAT, "corpus": corpus, "seq_len": seq_len,
-          "num_neighbours": num_neighbours, "splits": list(splits),
+          "num_neighbours": num_neighbours,
           "max_bytes": max_bytes, "meta_filter": dict(meta_filter or {}),
           "spm_sha256": db_format.sha256_file(spm_path),
-          "db_dir": db_dir, "db_num_chunks": manifest["num_chunks"],
+          "db_dir": task_cache.normalize_path(db_dir),
+          "db_num_chunks": manifest["num_chunks"],
           "db_embedder": manifest["embedder"]["fingerprint"],
           "db_index": manifest.get("index")}
 
@@ -237,9 +244,39 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
       name, source=source, preprocessors=preprocessors,
       output_features=features, shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
   task_cache.TASK_SPECS[name] = _spec(
-      corpus, spm_path, db_dir, seq_len, num_neighbours, splits, max_bytes,
+      corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
       meta_filter, db.manifest)
   return task
+
+
+def register_for_reading(name: str, *, corpus: str, db_dir: str,
+                         seq_len: int, num_neighbours: int,
+                         spm_path: str = "", max_bytes: Optional[int] = None,
+                         meta_filter: Union[str, Mapping[str, str], None] = None
+                         ) -> seqio.Task:
+  """Registers Task `name` to read its cache (training, evaluation).
+
+  Takes only what identifies the cached examples, so the Task matches the
+  one `register_from_config` registered for the cache job whatever its
+  splits or retrieval batch.
+
+  Args:
+    name: the seqio Task name.
+    corpus, db_dir, seq_len, num_neighbours, max_bytes: as for
+      `register_retro_task` (max_bytes 0 or None: all).
+    spm_path: the vocabulary ("": <db_dir>/spm.model, as
+      `sequence_neighbours.default_spm_path`).
+    meta_filter: {key: value} or its "key=value,..." form ("" / None: all).
+  Returns:
+    The registered `seqio.Task`.
+  """
+  if isinstance(meta_filter, str):
+    meta_filter = parse_meta_filter(meta_filter)
+  return register_retro_task(
+      name, corpus=corpus,
+      spm_path=sequence_neighbours.default_spm_path(spm_path, db_dir),
+      db_dir=db_dir, seq_len=seq_len, num_neighbours=num_neighbours,
+      max_bytes=max_bytes or None, meta_filter=meta_filter or None)
 
 
 def neighbour_texts(example: Mapping[str, np.ndarray], sp,
@@ -289,4 +326,5 @@ def load_embedder(config):
 
 def spm_path_of(config) -> str:
   """The vocabulary file a Task config uses."""
-  return config.spm_model or os.path.join(config.db_dir, db_format.SPM_MODEL)
+  return sequence_neighbours.default_spm_path(config.spm_model,
+                                             config.db_dir)

@@ -10,6 +10,7 @@ import pytest
 import seqio
 
 from retro_jax import tasks
+from retro_jax import task_batches
 from retro_jax import task_cache
 from retro_jax.corpus import packing
 from retro_jax.corpus import vocab
@@ -85,8 +86,9 @@ def test_summary_counts_and_rerun_skips(setup):
   summary = setup["summary"]
   for split in ("train", "validation"):
     s = summary[split]
-    stats = setup["task"].get_cached_stats(split)
-    assert s["sequences"] == stats["examples"] > 0
+    cached = task_batches.cached_split(
+        task_cache.task_dir(NAME, setup["cache_dir"]), split)
+    assert s["sequences"] == cached.num_input_examples(split) > 0
     assert s["chunks"] == s["sequences"] * SEQ_LEN // 64
     assert s["missing"] == 0
   # Train sequences are DB text: each chunk's nearest is itself, dropped.
@@ -262,11 +264,15 @@ def test_vocabulary_not_matching_the_db_names_the_file(setup, tmp_path):
         db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K)
 
 
-def test_registering_twice_replaces(setup):
-  again = tasks.register_retro_task(
+def _register_as_the_cache_job(setup):
+  return tasks.register_retro_task(
       NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
       db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
       max_bytes=MAX_BYTES, embedder=setup["embedder"], retrieval_batch=16)
+
+
+def test_registering_twice_replaces(setup):
+  again = _register_as_the_cache_job(setup)
   assert seqio.get_mixture_or_task(NAME) is again
   batch = next(tasks.batches(NAME, "train", batch_size=2,
                              cache_dir=setup["cache_dir"]))  # Still valid.
@@ -275,6 +281,97 @@ def test_registering_twice_replaces(setup):
     tasks.register_retro_task(
         NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
         db_dir=setup["db_dir"], seq_len=100, num_neighbours=K)
+
+
+def test_readers_match_the_cache_job_whatever_splits_and_paths(
+    setup, tmp_path, monkeypatch):
+  """Training and evaluation register the Task without splits or retrieval
+  batch, with the DB's copy of the vocabulary and a DB path spelled
+  differently: the cache job's cache reads; another meta filter is
+  refused, naming the field."""
+  import json
+  monkeypatch.chdir(setup["root"])
+  spec = dict(task_cache.TASK_SPECS[NAME])
+  assert os.path.exists(os.path.join(setup["db_dir"], "spm.model"))
+  try:
+    tasks.register_for_reading(
+        NAME, corpus="python_stdlib", db_dir="./db//", seq_len=SEQ_LEN,
+        num_neighbours=K, max_bytes=MAX_BYTES, meta_filter="")
+    assert task_cache.TASK_SPECS[NAME] == spec
+    batch = next(tasks.batches(NAME, "validation", batch_size=2,
+                               cache_dir=setup["cache_dir"]))
+    assert batch["neighbours"].shape == (2, SEQ_LEN // 64, K, 128)
+    tasks.register_retro_task(
+        NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
+        db_dir="db", seq_len=SEQ_LEN, num_neighbours=K, splits=("train",),
+        max_bytes=MAX_BYTES, retrieval_batch=3)
+    assert task_cache.TASK_SPECS[NAME] == spec
+    # A record of an earlier version (Task splits, the DB path as given).
+    old = task_cache.task_dir(NAME, str(tmp_path))
+    shutil.copytree(task_cache.task_dir(NAME, setup["cache_dir"]), old)
+    record_path = os.path.join(old, task_cache.RETRO_TASK)
+    record = json.load(open(record_path))
+    record["spec"].update(splits=["train", "validation"], db_dir="db")
+    json.dump(record, open(record_path, "w"))
+    assert task_cache.require_complete(NAME, str(tmp_path), ("train",))
+    tasks.register_for_reading(
+        NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
+        seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
+        meta_filter="pile_set_name=ArXiv")
+    with pytest.raises(task_cache.IncompleteCacheError, match="meta_filter"):
+      next(tasks.batches(NAME, "validation", batch_size=2,
+                         cache_dir=setup["cache_dir"]))
+  finally:
+    _register_as_the_cache_job(setup)
+
+
+def test_an_evaluation_host_without_examples_yields_padding(setup):
+  """More hosts than examples: every host yields as many batches; a host
+  with an empty shard yields only padding (and refuses to repeat)."""
+  total = setup["summary"]["validation"]["sequences"]
+  hosts = total + 2
+  per_host = []
+  for host in (0, total - 1, total, total + 1):
+    rows = list(tasks.batches(NAME, "validation", batch_size=hosts,
+                              shard_index=host, num_shards=hosts,
+                              cache_dir=setup["cache_dir"], shuffle=False,
+                              repeat=False, with_doc_ids=True))
+    per_host.append(rows)
+  assert [len(rows) for rows in per_host] == [1, 1, 1, 1]
+  assert per_host[0][0]["loss_mask"].all()
+  for rows in per_host[2:]:
+    (batch,) = rows
+    assert batch["tokens"].shape == (1, SEQ_LEN)
+    assert batch["neighbours"].shape == (1, SEQ_LEN // 64, K, 128)
+    assert not batch["loss_mask"].any() and not batch["tokens"].any()
+    assert (batch["doc_ids"] == -1).all()
+  with pytest.raises(ValueError, match="has no example"):
+    next(tasks.batches(NAME, "validation", batch_size=hosts,
+                       shard_index=total, num_shards=hosts,
+                       cache_dir=setup["cache_dir"]))
+
+
+def test_a_cache_on_another_filesystem_reads_through_gfile(setup):
+  """The cache copied to TF's in-memory filesystem (as to gs://) checks,
+  reads and is reused like the local one."""
+  import tensorflow as tf
+  src = task_cache.task_dir(NAME, setup["cache_dir"])
+  root = f"ram://retro_test_{os.getpid()}/cache"
+  dst = task_cache.task_dir(NAME, root)
+  tf.io.gfile.makedirs(dst)
+  try:
+    for fname in os.listdir(src):
+      tf.io.gfile.copy(os.path.join(src, fname), f"{dst}/{fname}")
+    assert tasks.cache_task(NAME, root, log=lambda _: None)["skipped"]
+    remote = list(tasks.batches(NAME, "validation", batch_size=8,
+                                cache_dir=root, shuffle=False, repeat=False,
+                                with_doc_ids=True))
+    local = _all(setup, "validation")
+    for key in local:
+      np.testing.assert_array_equal(
+          np.concatenate([r[key] for r in remote]), local[key])
+  finally:
+    tf.io.gfile.rmtree(f"ram://retro_test_{os.getpid()}")
 
 
 @pytest.mark.slow

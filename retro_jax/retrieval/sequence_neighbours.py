@@ -27,12 +27,22 @@ import numpy as np
 
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
+from retro_jax.retrieval import db_format
 from retro_jax.retrieval import pipeline
 from retro_jax.retrieval.neighbours import Retriever
 
 _RESOURCES: Dict[Tuple[str, str, int], Tuple[Retriever, Any]] = {}
 _PROCESSORS: Dict[str, Any] = {}
 _LOCK = threading.RLock()
+
+
+def default_spm_path(spm_path: str, db_dir: str) -> str:
+  """`spm_path`, else the copy of the vocabulary the DB build keeps in
+  `db_dir` ("" if both are empty). Tasks, training and evaluation all
+  default the vocabulary this way."""
+  if spm_path or not db_dir:
+    return spm_path or ""
+  return os.path.join(db_dir, db_format.SPM_MODEL)
 
 
 def load_retriever(db_dir: str, spm_path: str,
