@@ -13,7 +13,6 @@ import itertools
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import numpy as np
 
 from retro_jax import tasks
 from retro_jax.corpus import vocab
@@ -47,19 +46,25 @@ def main(argv):
   docs = list(dict.fromkeys(example["doc_ids"].tolist()))
   print(f"{task.name}:{_SPLIT.value} example {_INDEX.value}: "
         f"{len(example['tokens'])} tokens from documents {docs}")
-  for u, (chunk, _) in enumerate(tasks.neighbour_texts(example, sp)):
+  m = tasks.CHUNK_SIZE
+
+  def decode(ids) -> str:
+    return sp.decode([int(t) for t in ids if t != vocab.PAD_ID])
+
+  chunks = example["tokens"].reshape(-1, m)                   # [L, m]
+  for u, (chunk, neighbours) in enumerate(zip(chunks,
+                                              example["neighbours"])):
     print(f"\n=== chunk {u} " + "=" * 60)
-    print(_show(chunk))
-    for j, values in enumerate(example["neighbours"][u]):    # [k, r]
+    print(_show(decode(chunk)))
+    for j, values in enumerate(neighbours):                   # [k, r]
       if not values.any():
         print(f"--- neighbour {j}: none (all padding)")
         continue
-      chunk_text = sp.decode([int(t) for t in values[:64] if t])
-      continuation = sp.decode([int(t) for t in values[64:] if t])
       print(f"--- neighbour {j}")
-      print(_show(chunk_text))
+      print(_show(decode(values[:m])))                        # The chunk.
       print("    ... continuation:")
-      print(_show(continuation or "(end of its document)"))
+      print(_show(decode(values[m:]) or "(end of its document)"))
+
 
 if __name__ == "__main__":
   app.run(main)
