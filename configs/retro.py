@@ -45,6 +45,8 @@ def get_config(size: str = "172m"):
   config.train.trainable = "all"        # all | retrieval (RETROfit).
   config.train.init_from = ""           # RETROfit: baseline run's workdir.
   config.train.seed = 0                 # Parameter and data seed.
+  config.train.allow_data_change = False  # Resume even if the data stream
+                                        # (source, seed, task, shards) changed.
   config.train.log_every = 100          # Steps between metric lines.
   config.train.peak_flops = 0.0         # Device peak FLOP/s for MFU; 0 = from
                                         # the device kind.

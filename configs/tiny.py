@@ -36,6 +36,8 @@ def get_config():
   config.train.init_from = ""           # RETROfit: workdir of a trained
                                         # baseline run (cca_layers=()).
   config.train.seed = 0                 # Parameter and data seed.
+  config.train.allow_data_change = False  # Resume even if the data stream
+                                        # (source, seed, task, shards) changed.
   config.train.log_every = 10           # Steps between metric lines.
   config.train.peak_flops = 0.0         # Device peak FLOP/s for MFU; 0 = from
                                         # the device kind (CPU: measured).

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from etils import epath
 import jax
@@ -163,6 +163,17 @@ class Checkpointer:
                                  train["step"])
     return state, dict(restored["data_position"])
 
+  def data_position(self, step: Optional[int] = None
+                    ) -> Optional[Dict[str, Any]]:
+    """The data position stored with a checkpoint (default: the latest), read
+    alone (no arrays), or None if there is no checkpoint."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        data_position=ocp.args.JsonRestore()))
+    return dict(restored["data_position"])
+
   def saved_config(self, step: Optional[int] = None
                    ) -> Optional[ml_collections.ConfigDict]:
     """The run config stored with a checkpoint (None if none stored)."""
@@ -191,13 +202,21 @@ def abstract_with_shardings(abstract, shardings):
 
 
 # -- params only (evaluation, sampling, RETROfit) -----------------------------
-def restore_params(workdir: str, step: Optional[int] = None, mesh=None
+def restore_params(workdir: str, step: Optional[int] = None,
+                   shardings: Union[Any, Callable[[Any], Any], None] = None
                    ) -> Tuple[ml_collections.ConfigDict, Any, int]:
   """(run config, params, step) of a run's checkpoint (latest unless `step`).
 
-  Only the params item is read. With `mesh`, params are placed with the
-  parameter sharding rules of `retro_jax.sharding`; else on one device.
-  Shapes come from the checkpoint's own metadata, so no model is built.
+  Only the params item is read. Shapes come from the checkpoint's own
+  metadata, so no model is built.
+
+  Args:
+    workdir: the run folder.
+    step: a checkpoint step (default: the latest).
+    shardings: target shardings of the params: a tree matching them, or a
+      function from the params' abstract tree (ShapeDtypeStructs) to one
+      (e.g. the parameter rules on a mesh, see `train.restore_params`).
+      Default: all on this process's first device.
   """
   config = load_run_config(workdir)
   directory = str(_path(workdir, CHECKPOINT_DIR))
@@ -216,19 +235,15 @@ def restore_params(workdir: str, step: Optional[int] = None, mesh=None
     meta = getattr(meta, "tree", meta)
     if meta is None:
       raise ValueError(f"{directory}/{step} holds no params item")
-    if mesh is not None:
-      # pylint: disable-next=g-import-not-at-top
-      from retro_jax import sharding  # The parameter rules (jax only).
-      specs, _ = sharding.param_specs(meta, mesh)
-      shardings = sharding.named(mesh, specs)
-    else:
-      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None:
+      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree_util.tree_map(lambda _: one, meta)
-    target = jax.tree_util.tree_map(
-        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-        meta, shardings)
+    elif callable(shardings):
+      shardings = shardings(jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta))
     params = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
+        params=ocp.args.StandardRestore(
+            abstract_with_shardings(meta, shardings))))["params"]
   finally:
     manager.close()
   return config, params, step

@@ -27,10 +27,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from retro_jax import checkpoints
 from retro_jax import eval_data
 from retro_jax import evaluate as eval_lib
 from retro_jax import sampling
+from retro_jax import train
 from retro_jax.config import RetroConfig
 from retro_jax.corpus import vocab
 from retro_jax.model import Retro
@@ -236,7 +236,7 @@ def load(workdir: str, step: Optional[int] = None, mesh=None, *,
     A `Run`: .config, .model_config, .model, .params, .step, .tokenizer,
     .db, .searcher, and generate / evaluate / logits / retrieve.
   """
-  config, params, step = checkpoints.restore_params(workdir, step, mesh)
+  config, params, step = train.restore_params(workdir, step, mesh)
   data = config.get("data", ml_collections.ConfigDict())
   return Run(workdir, config, params, step,
              spm_path=spm_path or spm_path_of(config, workdir),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from retro_jax import checkpoints
 from retro_jax import sharding
 from retro_jax.model import Retro
 
@@ -229,22 +230,34 @@ def opt_state_specs(opt_state, params, param_specs):
   return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
-def state_shardings(model: Retro, optimizer: optax.GradientTransformation,
-                    mesh, batch: Batch, strict: bool = False,
-                    trainable: str = "all"):
-  """NamedShardings of the TrainState, from the parameter rules.
+def state_specs(model: Retro, optimizer: optax.GradientTransformation,
+                mesh, batch: Batch, strict: bool = False,
+                trainable: str = "all"):
+  """PartitionSpecs of the TrainState, from the parameter rules (`mesh` may
+  be abstract: nothing is allocated).
 
   Optimizer moments follow their parameter; scalars are replicated. Returns
-  (abstract state, shardings, unmatched parameter paths).
+  (abstract state, specs, unmatched parameter paths).
   """
   abstract = jax.eval_shape(
       lambda b: init_state(model, optimizer, jax.random.key(0), b, trainable),
       batch)
   specs, unmatched = sharding.param_specs(abstract.params, mesh, strict)
-  state_specs = TrainState(
+  specs = TrainState(
       specs, opt_state_specs(abstract.opt_state, abstract.params, specs),
       sharding.P())
-  return abstract, sharding.named(mesh, state_specs), unmatched
+  return abstract, specs, unmatched
+
+
+def state_shardings(model: Retro, optimizer: optax.GradientTransformation,
+                    mesh, batch: Batch, strict: bool = False,
+                    trainable: str = "all"):
+  """NamedShardings of the TrainState (see `state_specs`). Returns
+  (abstract state, shardings, unmatched parameter paths).
+  """
+  abstract, specs, unmatched = state_specs(model, optimizer, mesh, batch,
+                                           strict, trainable)
+  return abstract, sharding.named(mesh, specs), unmatched
 
 
 def check_accumulation(batch_size: int, accum_steps: int, mesh) -> None:
@@ -273,6 +286,21 @@ def init_sharded_state(model: Retro, optimizer, state_sharding,
                        rng: jax.Array, batch: Batch,
                        trainable: str = "all") -> TrainState:
   """Initialises the state directly in its sharding (never whole on one
-  device)."""
-  return jax.jit(lambda r, b: init_state(model, optimizer, r, b, trainable),
-                 out_shardings=state_sharding)(rng, batch)
+  device). Only the shapes and dtypes of `batch` matter (arrays or
+  ShapeDtypeStructs): zero inputs are built inside the jit."""
+  def init(r):
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                   batch)
+    return init_state(model, optimizer, r, zeros, trainable)
+  return jax.jit(init, out_shardings=state_sharding)(rng)
+
+
+def restore_params(workdir: str, step: Optional[int] = None, mesh=None):
+  """`checkpoints.restore_params` with the params placed by the parameter
+  rules of `retro_jax.sharding` on `mesh` (default: one local device).
+  Returns (run config, params, step)."""
+  shardings = None
+  if mesh is not None:
+    shardings = lambda abstract: sharding.named(
+        mesh, sharding.param_specs(abstract, mesh)[0])
+  return checkpoints.restore_params(workdir, step, shardings)

@@ -108,17 +108,38 @@ def _check_checkpoint_model(ckpt: checkpoints.Checkpointer,
                      f"architecture: {'; '.join(diffs)}")
 
 
+# Data position fields that identify the input stream: a resumed run whose
+# fields differ would replay or skip data.
+STREAM_FIELDS = ("source", "seed", "task_name", "split", "num_shards",
+                 "host_batch_size")
+
+
+def _check_data_position(ckpt: checkpoints.Checkpointer,
+                         current: Dict[str, Any], allow_change: bool) -> None:
+  """Raises ValueError if the checkpoint's data stream differs from this
+  run's (fields absent from older checkpoints are not compared)."""
+  saved = ckpt.data_position() or {}
+  diffs = [f"{k}: saved {saved[k]!r}, now {current[k]!r}"
+           for k in STREAM_FIELDS if k in saved and saved[k] != current[k]]
+  if not diffs:
+    return
+  msg = (f"the checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) "
+         f"was trained on another data stream: {'; '.join(diffs)}")
+  if allow_change:
+    logging.warning("%s; continuing (config.train.allow_data_change)", msg)
+    return
+  raise ValueError(f"{msg}. Resuming would replay or skip data: restore the "
+                   f"saved data settings, use a new --workdir, or set "
+                   f"config.train.allow_data_change=True")
+
+
 def _retrofit_params(config, model_cfg: RetroConfig, params, param_sharding,
                      mesh):
   """`params` with the non-retrieval weights of `train.init_from`."""
-  base_dir = config.train.init_from
-  if not base_dir:
-    raise ValueError("config.train.trainable='retrieval' (RETROfit) needs "
-                     "config.train.init_from: the workdir of a trained "
-                     "baseline (no-CCA) run")
+  base_dir = config.train.init_from   # Set: `check_config` made sure.
   base_config = checkpoints.load_run_config(base_dir)
   retrofit.check_baseline(RetroConfig.from_dict(base_config.model), model_cfg)
-  _, base_params, base_step = checkpoints.restore_params(base_dir, mesh=mesh)
+  _, base_params, base_step = train_lib.restore_params(base_dir, mesh=mesh)
   logging.info("RETROfit: baseline weights from %s step %d", base_dir,
                base_step)
   return jax.jit(retrofit.graft, out_shardings=param_sharding)(params,
@@ -177,11 +198,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tc, cc = config.train, config.checkpoint
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   train_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
-  if tc.batch_size % jax.process_count():
-    raise ValueError(f"config.train.batch_size={tc.batch_size} does not "
-                     f"divide over {jax.process_count()} hosts")
+  _, num_shards = sharding.host_batch_shard(mesh, tc.batch_size)
+
+  def position(step):   # The data position a checkpoint records.
+    return dict(data_source.data_position(config, step),
+                num_shards=num_shards,
+                host_batch_size=tc.batch_size // num_shards)
   batch_abs = abstract_batch(cfg, tc.batch_size, tc.seq_len)
-  source = source or data_source.make_source(config)
+  source = source or data_source.make_source(config, mesh)
 
   model = Retro(cfg)
   schedule = train_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
@@ -197,21 +221,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   start = ckpt.latest_step()
   if start is not None:
     _check_checkpoint_model(ckpt, config)
-    state, position = ckpt.restore(
+    _check_data_position(ckpt, position(start),
+                         tc.get("allow_data_change", False))
+    state, saved = ckpt.restore(
         checkpoints.abstract_with_shardings(abstract, state_sh))
-    if position.get("source") != config.data.source:
-      logging.warning("checkpoint data position %s was saved with another "
-                      "data source than %s", position, config.data.source)
-    start = int(position["step"])
+    start = int(saved["step"])
     logging.info("resumed from %s step %d", ckpt.directory, start)
   else:
     start = 0
     with jax.set_mesh(mesh):
-      def init(rng):   # Zero inputs built inside: only shapes matter.
-        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_abs.items()}
-        return train_lib.init_state(model, optimizer, rng, zeros,
-                                    tc.trainable)
-      state = jax.jit(init, out_shardings=state_sh)(jax.random.key(tc.seed))
+      state = train_lib.init_sharded_state(
+          model, optimizer, state_sh, jax.random.key(tc.seed), batch_abs,
+          tc.trainable)
       if tc.trainable == "retrieval":
         state = state._replace(params=_retrofit_params(
             config, cfg, state.params, state_sh.params, mesh))
@@ -274,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if stop or step == tc.steps or step % cc.every == 0:
           settle(pending)            # Never checkpoint a non-finite state.
           pending = None
-          ckpt.save(step, state, data_source.data_position(config, step),
+          ckpt.save(step, state, position(step),
                     force=stop or step == tc.steps)
         if stop:
           summary["status"] = "preempted"

@@ -103,11 +103,16 @@ def test_run_config_and_params_only_restore(tmp_path):
     assert np.array_equal(np.asarray(got), want)
     assert len(got.sharding.device_set) == 1
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
-  cfg, params, step = checkpoints.restore_params(str(tmp_path), step=1,
-                                                 mesh=mesh)
+  cfg, params, step = train.restore_params(str(tmp_path), step=1, mesh=mesh)
   assert step == 1 and RetroConfig.from_dict(cfg.model) == CFG
   big = params["decoder/layer_00/mlp"]["w_in"]
   assert big.sharding.spec == sharding.P("fsdp", "model")
+  # Ready-made target shardings (a tree matching the params).
+  other = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+  _, params, _ = checkpoints.restore_params(
+      str(tmp_path), shardings=jax.tree_util.tree_map(lambda _: other,
+                                                      want2))
+  assert all(p.sharding == other for p in jax.tree_util.tree_leaves(params))
   with pytest.raises(FileNotFoundError, match="no checkpoint of step 9"):
     checkpoints.restore_params(str(tmp_path), step=9)
 

@@ -187,6 +187,24 @@ def test_bad_input_fails_before_compute(tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_with_another_data_stream_fails(tmp_path):
+  workdir = str(tmp_path)
+  trainer.train(tiny_config(steps=1), workdir, devices=jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(workdir, save_every=100, keep=2)
+  saved = ckpt.data_position()
+  ckpt.close()
+  assert saved == dict(step=1, source="synthetic", seed=0, task_name=saved[
+      "task_name"], split=saved["split"], num_shards=1, host_batch_size=8)
+  with pytest.raises(ValueError, match=r"another data stream: seed: saved 0, "
+                                       r"now 1.*allow_data_change"):
+    trainer.train(tiny_config(steps=2, seed=1), workdir,
+                  devices=jax.devices()[:1])
+  summary = trainer.train(tiny_config(steps=2, seed=1, allow_data_change=True),
+                          workdir, devices=jax.devices()[:1])
+  assert summary["step"] == 2
+
+
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(tmp_path):
   one = trainer.train(tiny_config(steps=2), str(tmp_path / "one"),
                       devices=jax.devices()[:1])
