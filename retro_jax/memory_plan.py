@@ -85,23 +85,23 @@ def state_bytes(cfg: RetroConfig, mesh, trainable: str = "all"
   """Exact per-device bytes of params, optimizer state and gradients."""
   model = Retro(cfg)
   optimizer = train.make_optimizer(1e-4, 750, 10_000)
-  params = jax.eval_shape(model.init, jax.random.key(0),
-                          *model.dummy_inputs())
+  tokens, neighbours = model.dummy_inputs()
+  abstract, specs, _ = train.state_specs(
+      model, optimizer, mesh, {"tokens": tokens, "neighbours": neighbours},
+      trainable=trainable)
+  params = abstract.params
   trained, _ = train.split_params(params, trainable)
-  opt_state = jax.eval_shape(optimizer.init, trained)
-  specs, _ = sharding.param_specs(params, mesh)
-  opt_specs = train.opt_state_specs(opt_state, params, specs)
   is_p = lambda x: isinstance(x, sharding.P)
 
   def total(tree, spec_tree):
     return sum(_shard_bytes(l, s, mesh) for l, s in zip(
         jax.tree_util.tree_leaves(tree),
         jax.tree_util.tree_leaves(spec_tree, is_leaf=is_p)))
-  trained_specs, _ = train.split_params(specs, trainable)
+  trained_specs, _ = train.split_params(specs.params, trainable)
   return {"num_params": sum(math.prod(x.shape) for x in
                             jax.tree_util.tree_leaves(params)),
-          "params": total(params, specs),
-          "opt_state": total(opt_state, opt_specs),
+          "params": total(params, specs.params),
+          "opt_state": total(abstract.opt_state, specs.opt_state),
           "grads": total(trained, trained_specs)}
 
 
