@@ -55,6 +55,29 @@ def test_batch_must_divide_data_axes():
     sharding.check_batch_divides(2, mesh)
 
 
+def test_host_batch_shard_single_process():
+  for axes in (MESH_222, {"model": 8}, {"fsdp": 8}):
+    assert sharding.host_batch_shard(sharding.make_mesh(axes), 8) == (0, 1)
+  with pytest.raises(ValueError, match="batch size 6 does not divide"):
+    sharding.host_batch_shard(sharding.make_mesh(MESH_222), 6)
+
+
+def test_row_shards_give_replica_hosts_the_same_rows():
+  # 4 hosts of 2 devices; the model axis spans hosts (0, 1) and (2, 3):
+  # each pair holds replicas of the same 8 rows.
+  rows = [(0, 0, 4), (0, 4, 8), (1, 0, 4), (1, 4, 8),
+          (2, 8, 12), (2, 12, 16), (3, 8, 12), (3, 12, 16)]
+  assert [sharding.row_shards(rows, p) for p in range(4)] == [
+      (0, 2), (0, 2), (1, 2), (1, 2)]
+  # Pure data parallelism: every host its own rows, in row order.
+  rows = [(p, 4 * (3 - p), 4 * (4 - p)) for p in range(4)]
+  assert [sharding.row_shards(rows, p) for p in range(4)] == [
+      (3, 4), (2, 4), (1, 4), (0, 4)]
+  # A host whose rows are not one contiguous block.
+  with pytest.raises(ValueError, match="do not tile the batch"):
+    sharding.row_shards([(0, 0, 2), (0, 4, 6), (1, 2, 4), (1, 6, 8)], 0)
+
+
 # -- parameter rules ---------------------------------------------------------------
 def _abstract_params(name):
   model = Retro(RetroConfig.preset(name))
