@@ -52,7 +52,7 @@ ssh_all "set -e; if [ -d retro_jax ]; then git -C retro_jax fetch -q && \
 git -C retro_jax checkout -q $BRANCH && git -C retro_jax pull -q; else \
 git clone -q -b $BRANCH $REPO retro_jax; fi; cd retro_jax && \
 python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-.venv/bin/pip install -q -e . 'jax[tpu]' \
+.venv/bin/pip install -q -e . 'jax[tpu]==0.10.2' \
 -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 # 3. The same train command on every worker; jax.distributed initialises
