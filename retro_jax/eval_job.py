@@ -12,13 +12,18 @@ An eval set (one item of the comma-separated `config.eval.tasks`) is either
                         windowed (seq_len, stride) and retrieved online.
 
 Neighbours are retrieved online (for `task` too) when the DB is swapped
-(--db) or `config.eval.num_neighbours` differs from the trained k.
+(--db) or `config.eval.num_neighbours` differs from the trained k. A model
+without retrieval (no CCA layer) never loads the retriever: its online sets
+(and its `task` set when k or the DB differ) get all-padding neighbours.
 `config.eval.group_by` (e.g. pile_set_name) also reports every value of that
 meta field separately (per Pile subset).
 
 Each set reports loss, perplexity, bits/token and bits/byte with retrieval on
 and off, and the leakage table; results go to
-<workdir>/eval/step_<step>.json and leakage_step_<step>.png.
+<workdir>/eval/step_<step>.json and leakage_step_<step>.png (local or gs://).
+The leakage table filters chunks by r(C_u) against `config.eval.
+leakage_source`'s neighbours ("previous": Ret(C_{u-1}), those C_u is
+predicted with; "same": Ret(C_u), paper §2.6 literally); both record it.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from etils import epath
 import ml_collections
-import numpy as np
 
 from retro_jax import eval_data
 from retro_jax import evaluate as eval_lib
 from retro_jax import run as run_lib
 from retro_jax.corpus import sources
-from retro_jax.retrieval import sequence_neighbours
+
+
+# What the leakage filter compares C_u with, per config.eval.leakage_source.
+_LEAKAGE_NEIGHBOURS = {"previous": "Ret(C_{u-1})", "same": "Ret(C_u)"}
 
 
 def parse_sets(text: str) -> List[Dict[str, Any]]:
@@ -76,24 +84,27 @@ def _documents(corpus: str, split: str, max_bytes: int,
   return docs
 
 
-def _task_batches(run: run_lib.Run, ec, retrieve_online) -> Iterator[dict]:
-  """The run's Task split, with its cached or re-retrieved neighbours."""
+def _task_batches(run: run_lib.Run, ec,
+                  neighbours: Optional[Callable[[Iterator[dict]],
+                                                Iterator[dict]]]
+                  ) -> Iterator[dict]:
+  """The run's Task split, with its cached neighbours, or those
+  `neighbours` (re)places (see `eval_data.with_neighbours`)."""
   from retro_jax import tasks  # pylint: disable=g-import-not-at-top
   d = run.config.data
-  for field in ("task_name", "corpus", "spm_path", "db_dir"):
+  for field in ("task_name", "corpus", "db_dir"):
     if not d.get(field):
       raise ValueError(f"eval set 'task' needs the run's config.data.{field}")
-  tasks.register_retro_task(
-      d.task_name, corpus=d.corpus, spm_path=d.spm_path, db_dir=d.db_dir,
-      seq_len=int(run.config.train.seq_len),
+  tasks.register_for_reading(
+      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", ""),
+      db_dir=d.db_dir, seq_len=int(run.config.train.seq_len),
       num_neighbours=run.model_config.num_neighbours,
-      max_bytes=d.get("max_bytes") or None)
-  for batch in tasks.batches(d.task_name, ec.split, batch_size=ec.batch_size,
-                             cache_dir=ec.cache_dir or d.cache_dir,
-                             shuffle=False, repeat=False, with_doc_ids=True):
-    if retrieve_online is not None:
-      batch = dict(batch, neighbours=retrieve_online(batch))
-    yield batch
+      max_bytes=d.get("max_bytes") or None,
+      meta_filter=d.get("meta_filter", ""))
+  batches = tasks.batches(d.task_name, ec.split, batch_size=ec.batch_size,
+                          cache_dir=ec.cache_dir or d.cache_dir,
+                          shuffle=False, repeat=False, with_doc_ids=True)
+  return neighbours(batches) if neighbours is not None else batches
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
@@ -110,30 +121,27 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
   m, r = run.model_config.chunk_size, run.model_config.neighbour_len
   n = ec.seq_len or int(run.config.train.seq_len)
   online = bool(db_dir) or k != trained_k
-  retrieval = run.model_config.has_retrieval
+  retrieval = run.model_config.has_retrieval  # False: never load the DB.
   log(f"run {workdir} step {run.step}: k={k} (trained {trained_k}), n={n}, "
       f"stride={ec.stride or n}, DB {run.db_dir or '-'}")
   if run.tokenizer is None:
     raise ValueError(f"run {workdir} has no SentencePiece model: bits per "
                      f"byte need one (config.data.spm_path)")
   table = eval_lib.token_bytes(run.tokenizer)
+  against = _LEAKAGE_NEIGHBOURS.get(ec.leakage_source, ec.leakage_source)
 
-  def retrieve_online(batch):
-    nb, _ = sequence_neighbours.neighbours_for_sequences(
-        run.retriever, run.tokenizer, batch["tokens"], batch["doc_ids"], k, m)
-    return np.asarray(nb, np.int32)
+  def retriever():
+    return run.retriever if retrieval else None  # Loads on first use.
 
-  def online_batches(seqs):
-    for lo in range(0, len(seqs["tokens"]), ec.batch_size):
-      batch = {key: v[lo:lo + ec.batch_size] for key, v in seqs.items()}
-      if retrieval:
-        nbs = retrieve_online(batch)
-      else:
-        nbs = np.zeros((len(batch["tokens"]), n // m, k, r), np.int32)
-      yield dict(batch, neighbours=nbs)
+  def task_neighbours(batches):
+    return eval_data.with_neighbours(batches, retriever(), run.tokenizer, k,
+                                     m, r)
 
   results: Dict[str, Any] = {"workdir": workdir, "step": run.step,
                              "db_dir": run.db_dir, "num_neighbours": k,
+                             "retrieval": retrieval,
+                             "leakage_source": ec.leakage_source,
+                             "leakage_neighbours": against,
                              "seq_len": n, "stride": ec.stride or n,
                              "sets": {}}
   curves = {}
@@ -142,7 +150,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
     groups: Dict[str, Any] = collections.OrderedDict()
     if spec["name"] == "task":
       groups["task"] = _task_batches(run, ec,
-                                     retrieve_online if online else None)
+                                     task_neighbours if online else None)
     else:
       docs = _documents(spec["corpus"], ec.split, ec.max_bytes, spec["meta"])
       by = collections.OrderedDict({spec["name"]: docs})
@@ -154,12 +162,13 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
         seqs = eval_data.sequences_from_documents(
             [(d.doc_id, run.tokenizer.encode(d.text)) for d in group], n,
             ec.stride or None, m)
-        groups[name] = online_batches(seqs)
+        groups[name] = eval_data.online_batches(
+            seqs, retriever(), run.tokenizer, k, ec.batch_size, m, r)
     for name, batches in groups.items():
       scores = eval_lib.evaluate_batches(
           run.model, run.params, batches, table,
           max_batches=ec.max_batches or None,
-          leakage_source=ec.leakage_source, token_nll=run._token_nll)  # pylint: disable=protected-access
+          leakage_source=ec.leakage_source, token_nll=run.token_nll)
       summary = eval_lib.summarize(scores)
       summary["leakage"] = eval_lib.leakage_table(scores)
       summary["seconds"] = time.time() - t0
@@ -171,14 +180,15 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
           f"bpb {on['bits_per_byte']:.4f} | off: loss {off['loss']:.4f} "
           f"ppl {off['perplexity']:.2f} bpb {off['bits_per_byte']:.4f}")
       log(eval_lib.format_table(summary["leakage"]))
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(workdir) / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
   tag = f"step_{run.step}" + (f"_k{k}" if k != trained_k else "") + (
       "_" + os.path.basename(os.path.normpath(db_dir)) if db_dir else "")
-  results["json"] = os.path.join(out_dir, f"{tag}.json")
+  results["json"] = str(out_dir / f"{tag}.json")
   results["plot"] = eval_lib.plot_leakage(
-      curves, os.path.join(out_dir, f"leakage_{tag}.png"),
-      title=f"{os.path.basename(os.path.normpath(workdir))} step {run.step}")
+      curves, str(out_dir / f"leakage_{tag}.png"),
+      title=f"{os.path.basename(os.path.normpath(workdir))} step {run.step}"
+      f" (leakage: r(C_u) vs {against})")
   eval_lib.write_json(results["json"], results)
   log(f"wrote {results['json']} and {results['plot']}")
   return results

@@ -29,11 +29,13 @@ counts as the space byte it stands for (one per document: the separator).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from etils import epath
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -227,10 +229,10 @@ def plot_leakage(curves: Dict[str, List[Dict[str, float]]], path: str,
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  _write_atomic(path, png.getvalue())
   return path
 
 
@@ -269,10 +271,14 @@ def sliding_windows(tokens: np.ndarray, seq_len: int, stride: int,
   return windows, mask, np.asarray(starts, np.int64)
 
 
+def _write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to a local or gs:// `path` (temporary name, rename)."""
+  tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
+  tmp.write_bytes(data)
+  tmp.replace(epath.Path(path))
+
+
 def write_json(path: str, obj: Any) -> str:
-  """Writes JSON atomically (temporary name, then rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes JSON to a local or gs:// path atomically."""
+  _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
   return path

@@ -35,6 +35,7 @@ from retro_jax.config import RetroConfig
 from retro_jax.corpus import vocab
 from retro_jax.model import Retro
 from retro_jax.retrieval import db_format
+from retro_jax.retrieval import sequence_neighbours
 
 
 @dataclasses.dataclass
@@ -50,13 +51,13 @@ class Sample:
 
 
 def spm_path_of(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The run's SentencePiece model: data.spm_path, else the DB's, else
-  workdir/spm.model ("" if none exists)."""
+  """The run's SentencePiece model: the one training read (data.spm_path,
+  else <data.db_dir>/spm.model, as `sequence_neighbours.default_spm_path`),
+  else workdir/spm.model ("" if none exists)."""
   data = config.get("data", ml_collections.ConfigDict())
-  for path in (data.get("spm_path", ""),
-               os.path.join(data.get("db_dir", "") or "", db_format.SPM_MODEL)
-               if data.get("db_dir") else "",
-               os.path.join(workdir, "spm.model")):
+  for path in (sequence_neighbours.default_spm_path(
+      data.get("spm_path", ""), data.get("db_dir", "") or ""),
+               os.path.join(workdir, db_format.SPM_MODEL)):
     if path and os.path.exists(path):
       return path
   return ""
@@ -80,7 +81,9 @@ class Run:
     self._embedder = embedder
     self._db = self._searcher = self._retriever = None
     self._samplers: Dict[int, sampling.Sampler] = {}
-    self._token_nll = eval_lib.make_token_nll(self.model)
+    # The compiled per-token NLL (evaluate.make_token_nll), shared by every
+    # evaluation of this run (eval_job too).
+    self.token_nll = eval_lib.make_token_nll(self.model)
 
   # -- retrieval ----------------------------------------------------------------
   def _open_db(self):
@@ -91,7 +94,6 @@ class Run:
                          f"retro_jax.load")
       if not self.spm_path:
         raise ValueError(f"run {self.workdir} has no SentencePiece model")
-      from retro_jax.retrieval import sequence_neighbours  # pylint: disable=g-import-not-at-top
       self._retriever, _ = sequence_neighbours.load_retriever(
           self.db_dir, self.spm_path, self._embedder)
       self._searcher = self._retriever.searcher
@@ -136,7 +138,8 @@ class Run:
 
   def decode(self, ids) -> str:
     self._need_tokenizer()
-    return self.tokenizer.decode([int(i) for i in ids if int(i) > 2])
+    return self.tokenizer.decode(
+        [int(i) for i in ids if int(i) not in (vocab.PAD_ID, vocab.EOS_ID)])
 
   def _need_tokenizer(self):
     if self.tokenizer is None:
@@ -198,21 +201,15 @@ class Run:
       docs = [(i, self.tokenizer.encode(t)) for i, t in enumerate(data)]
       seqs = eval_data.sequences_from_documents(docs, n, stride, m)
       k = k or self.model_config.num_neighbours
-      if retrieval and self.model_config.has_retrieval:
-        batches = eval_data.online_batches(seqs, self.retriever,
-                                           self.tokenizer, k, batch_size, m)
-      else:
-        r = self.model_config.neighbour_len
-        batches = (dict({key: v[lo:lo + batch_size]
-                         for key, v in seqs.items()},
-                        neighbours=np.zeros((len(seqs["tokens"][
-                            lo:lo + batch_size]), n // m, k, r), np.int32))
-                   for lo in range(0, len(seqs["tokens"]), batch_size))
+      retrieve = retrieval and self.model_config.has_retrieval
+      batches = eval_data.online_batches(
+          seqs, self.retriever if retrieve else None, self.tokenizer, k,
+          batch_size, m, self.model_config.neighbour_len)
     else:
       batches = data
     scores = eval_lib.evaluate_batches(
         self.model, self.params, batches, eval_lib.token_bytes(self.tokenizer),
-        leakage=leakage, max_batches=max_batches, token_nll=self._token_nll)
+        leakage=leakage, max_batches=max_batches, token_nll=self.token_nll)
     out = eval_lib.summarize(scores)
     if leakage:
       out["leakage"] = eval_lib.leakage_table(scores)

@@ -107,8 +107,10 @@ class Sampler:
     self._cached_step = jax.jit(self._cached_step_impl,
                                 static_argnums=(5, 6, 7),
                                 donate_argnums=(1,))
-    self._full_step = jax.jit(self._full_step_impl,
-                              static_argnums=(5, 6, 7))
+    # Uncached step (whole prefix, no KV cache): used by generate without
+    # a cache, and timed on its own by scripts/benchmark_eval.py.
+    self.full_step = jax.jit(self._full_step_impl,
+                             static_argnums=(5, 6, 7))
 
   # -- jitted bodies ----------------------------------------------------------
   def _cached_step_impl(self, params, state, tokens, neighbours, key,
@@ -203,9 +205,9 @@ class Sampler:
                          np.int32)
           for u, chunk_nb in enumerate(neighbours):
             nbs[:, u] = chunk_nb
-        nxt = self._full_step(params, jnp.asarray(prefix),
-                              None if nbs is None else jnp.asarray(nbs),
-                              jnp.int32(pos), rng, *sampling)
+        nxt = self.full_step(params, jnp.asarray(prefix),
+                             None if nbs is None else jnp.asarray(nbs),
+                             jnp.int32(pos), rng, *sampling)
         tokens[:, pos + 1] = np.asarray(nxt)
         steps += 1
         if max_steps and steps >= max_steps:

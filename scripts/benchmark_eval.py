@@ -114,9 +114,9 @@ def main(argv):
     pos = jnp.int32(upto - 1)
     args = (params, jnp.asarray(prefix), jnp.asarray(nb), pos,
             jax.random.key(0), 0.0, 0, 1.0)
-    jax.block_until_ready(sampler._full_step(*args))  # pylint: disable=protected-access
+    jax.block_until_ready(sampler.full_step(*args))
     per_length[length] = median_time(
-        lambda a=args: sampler._full_step(*a), _REPEATS.value)  # pylint: disable=protected-access
+        lambda a=args: sampler.full_step(*a), _REPEATS.value)
   # Step t (feeding positions 0..t) runs at the padded length of t + 1.
   t_full = sum(per_length[-(-(pos + 1) // m) * m] for pos in range(g))
   print("uncached step time by padded prefix length: " + ", ".join(

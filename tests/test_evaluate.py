@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from retro_jax import eval_data
 from retro_jax import evaluate
 from retro_jax.config import RetroConfig
 from retro_jax.corpus import sources
@@ -148,3 +149,19 @@ def test_sliding_windows_score_every_target_once(stride):
   assert sorted(scored) == sorted(want)
   with pytest.raises(ValueError, match="multiples"):
     evaluate.sliding_windows(stream, 256, 100)
+
+
+def test_online_batches_without_a_retriever_pad_the_neighbours():
+  """A model without retrieval: no retriever, all-padding neighbours of the
+  requested k, every window once, each document followed by EOS."""
+  docs = [(7, np.arange(3, 200)), (8, np.arange(3, 90))]
+  seqs = eval_data.sequences_from_documents(docs, 128, None, 64)
+  assert (seqs["tokens"].reshape(-1)[[197, 197 + 88]] == vocab.EOS_ID).all()
+  rows = list(eval_data.online_batches(seqs, None, None, k=5, batch_size=2,
+                                       chunk_size=64, neighbour_len=128))
+  assert [len(r["tokens"]) for r in rows] == [2, 1]
+  np.testing.assert_array_equal(
+      np.concatenate([r["tokens"] for r in rows]), seqs["tokens"])
+  for r in rows:
+    assert r["neighbours"].shape == (len(r["tokens"]), 2, 5, 128)
+    assert r["neighbours"].dtype == np.int32 and not r["neighbours"].any()

@@ -110,6 +110,11 @@ def test_research_api_session(workdir, db_dir):
   assert res["tokens"] > 0 and len(res["leakage"]) == 6
   assert res["leakage"][-1]["bpb_on"] == pytest.approx(
       res["retrieval_on"]["bits_per_byte"])
+  # Retrieval off never opens the DB (here one that does not exist).
+  cold = retro_jax.load(workdir, db_dir="/nonexistent/db")
+  off = cold.evaluate(["def f(x):\n    return x + 1\n" * 30], seq_len=128,
+                      batch_size=2, k=5, retrieval=False)
+  assert off["tokens"] == res["tokens"] and cold._retriever is None  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
@@ -123,6 +128,8 @@ def test_evaluate_and_sample_scripts(workdir, db_dir):
   name = [f for f in os.listdir(eval_dir) if f.endswith(".json")][0]
   res = json.load(open(os.path.join(eval_dir, name)))
   assert res["num_neighbours"] == 3 and res["stride"] == 64
+  assert res["leakage_source"] == "previous"
+  assert res["leakage_neighbours"] == "Ret(C_{u-1})"
   s = res["sets"]["stdlib"]
   for side in ("retrieval_on", "retrieval_off"):
     assert 0 < s[side]["bits_per_byte"] < 20
