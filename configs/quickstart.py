@@ -8,7 +8,7 @@ scripts/quickstart.sh runs every stage with this config; by hand:
   python scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
       --config.task_name=retro_quickstart --config.db_dir=runs/quickstart/db \
       --config.cache_dir=runs/quickstart/cache --config.max_bytes=2000000 \
-      --config.seq_len=256
+      --config.split_max_bytes=validation=200000 --config.seq_len=256
   python scripts/train.py --config=configs/quickstart.py \
       --workdir=runs/quickstart/retro
   python scripts/train.py --config=configs/quickstart.py \
@@ -65,6 +65,8 @@ def get_config():
   config.data.split = "train"           # Split the Task is read from.
   config.data.max_bytes = 2_000_000     # Text per split the Task reads.
   config.data.meta_filter = ""          # Document meta "k=v,..."; "" = all.
+  # Held-out text with precomputed neighbours (what evaluation scores).
+  config.data.split_max_bytes = "validation=200000"
   config.data.spm_path = "runs/quickstart/db/spm.model"  # The DB's vocabulary.
   config.data.db_dir = "runs/quickstart/db"     # Retrieval DB (build_db.py).
   config.data.cache_dir = "runs/quickstart/cache"  # seqio cache of the Task.

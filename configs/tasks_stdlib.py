@@ -17,6 +17,8 @@ def get_config():
                                        # "jsonl:/data/pile/*.jsonl.zst".
   config.splits = "train,validation"   # Comma-separated corpus splits.
   config.max_bytes = 0                 # Text read per split; 0 = all.
+  config.split_max_bytes = ""          # Per-split overrides of max_bytes,
+                                       # e.g. "validation=200000".
   config.meta_filter = ""              # "key=value,..." on document meta,
                                        # e.g. "pile_set_name=ArXiv"; "" = all.
   config.db_dir = "runs/db"            # Finalized retrieval DB (build_db.py).

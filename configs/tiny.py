@@ -54,6 +54,7 @@ def get_config():
   config.data.split = "train"           # Split the Task is read from.
   config.data.max_bytes = 4_000_000     # Text per split the Task reads; 0=all.
   config.data.meta_filter = ""          # Document meta "k=v,..."; "" = all.
+  config.data.split_max_bytes = ""      # Per-split max_bytes, "validation=N".
   config.data.spm_path = ""             # SentencePiece model of the DB.
   config.data.db_dir = ""               # Retrieval DB (scripts/build_db.py).
   config.data.cache_dir = ""            # seqio cache of the Task.

@@ -95,7 +95,8 @@ def task_source(config: ml_collections.ConfigDict, *,
   tasks.register_for_reading(
       d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", ""),
       db_dir=d.db_dir, seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
-      max_bytes=d.max_bytes or None, meta_filter=d.get("meta_filter", ""))
+      max_bytes=d.max_bytes or None, meta_filter=d.get("meta_filter", ""),
+      split_max_bytes=d.get("split_max_bytes", ""))
 
   def iterate(start_step: int) -> Iterator[Batch]:
     return tasks.batches(

@@ -100,7 +100,8 @@ def _task_batches(run: run_lib.Run, ec,
       db_dir=d.db_dir, seq_len=int(run.config.train.seq_len),
       num_neighbours=run.model_config.num_neighbours,
       max_bytes=d.get("max_bytes") or None,
-      meta_filter=d.get("meta_filter", ""))
+      meta_filter=d.get("meta_filter", ""),
+      split_max_bytes=d.get("split_max_bytes", ""))
   batches = tasks.batches(d.task_name, ec.split, batch_size=ec.batch_size,
                           cache_dir=ec.cache_dir or d.cache_dir,
                           shuffle=False, repeat=False, with_doc_ids=True)

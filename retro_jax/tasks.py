@@ -58,16 +58,18 @@ _EMBEDDERS: Dict[int, Any] = {}
 def _corpus_dataset(split: str, shuffle_files: bool, seed=None, *,
                     corpus: str,
                     max_bytes: Optional[int],
-                    meta_filter: Optional[Mapping[str, str]]
+                    meta_filter: Optional[Mapping[str, str]],
+                    split_max_bytes: Optional[Mapping[str, int]] = None
                     ) -> tf.data.Dataset:
   """{text: string, doc_id: int64} for every document of `split`, in the
   reader's order (`shuffle_files` is ignored: the cache job reads in order
   and shuffling happens online over sequences)."""
   del shuffle_files, seed
   meta_filter = dict(meta_filter or {})
+  limit = dict(split_max_bytes or {}).get(split, max_bytes) or None
 
   def documents() -> Iterator[Dict[str, Any]]:
-    for doc in sources.open_corpus(corpus, split=split, max_bytes=max_bytes):
+    for doc in sources.open_corpus(corpus, split=split, max_bytes=limit):
       if any(doc.meta.get(k) != v for k, v in meta_filter.items()):
         continue
       try:  # Lone surrogates have no UTF-8 form: the DB skips them too.
@@ -158,7 +160,7 @@ def attach_neighbours(ds: tf.data.Dataset, *, db_dir: str, spm_path: str,
 # --- Registration ---------------------------------------------------------
 
 def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
-          meta_filter, manifest) -> Dict[str, Any]:
+          meta_filter, manifest, split_max_bytes=None) -> Dict[str, Any]:
   """What identifies the cached examples of a split (JSON-comparable).
 
   Only what changes the examples: not the Task's list of splits (each split
@@ -166,7 +168,7 @@ def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
   reader (training, evaluation) registering the Task with other splits
   reads the cache the cache job wrote.
   """
-  return {"cache_format": CACHE_FORMAT, "corpus": corpus, "seq_len": seq_len,
+  spec = {"cache_format": CACHE_FORMAT, "corpus": corpus, "seq_len": seq_len,
           "num_neighbours": num_neighbours,
           "max_bytes": max_bytes, "meta_filter": dict(meta_filter or {}),
           "spm_sha256": db_format.sha256_file(spm_path),
@@ -174,6 +176,9 @@ def _spec(corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
           "db_num_chunks": manifest["num_chunks"],
           "db_embedder": manifest["embedder"]["fingerprint"],
           "db_index": manifest.get("index")}
+  if split_max_bytes:  # Only when set: caches written without it still match.
+    spec["split_max_bytes"] = dict(sorted(split_max_bytes.items()))
+  return spec
 
 
 def register_retro_task(name: str, *, corpus: str, spm_path: str,
@@ -182,7 +187,9 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
                         max_bytes: Optional[int] = None,
                         meta_filter: Optional[Mapping[str, str]] = None,
                         embedder=None, chunk_size: int = CHUNK_SIZE,
-                        retrieval_batch: int = 8) -> seqio.Task:
+                        retrieval_batch: int = 8,
+                        split_max_bytes: Union[str, Mapping[str, int],
+                                               None] = None) -> seqio.Task:
   """Registers (or replaces) the RETRO Task `name` and returns it.
 
   Args:
@@ -200,6 +207,8 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
     embedder: the DB's BertEmbedder (None: load the default when needed).
     chunk_size: m.
     retrieval_batch: sequences per retrieval call in the cache job.
+    split_max_bytes: per-split overrides of `max_bytes`, e.g.
+      {"validation": 200_000} or its "validation=200000,..." form.
   Returns:
     The registered `seqio.Task`; features tokens int32 [n], doc_ids int64
     [n], neighbours int32 [L, k, r].
@@ -211,6 +220,8 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
   if seq_len <= 0 or seq_len % chunk_size:
     raise ValueError(f"seq_len {seq_len} must be a positive multiple of the "
                      f"chunk size {chunk_size}")
+  if isinstance(split_max_bytes, str):
+    split_max_bytes = parse_split_bytes(split_max_bytes)
   db = dblib.RetrievalDB.open(db_dir, spm_path=spm_path)
   if db.chunk_size != chunk_size:
     raise ValueError(f"{db_dir} holds chunks of {db.chunk_size} tokens, the "
@@ -229,7 +240,9 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
   }
   source = seqio.FunctionDataSource(
       functools.partial(_corpus_dataset, corpus=corpus, max_bytes=max_bytes,
-                        meta_filter=meta_filter), splits=tuple(splits))
+                        meta_filter=meta_filter,
+                        split_max_bytes=split_max_bytes),
+      splits=tuple(splits))
   preprocessors = [
       functools.partial(tokenize, spm_path=spm_path),
       functools.partial(pack_sequences, seq_len=seq_len),
@@ -245,15 +258,16 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
       output_features=features, shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
   task_cache.TASK_SPECS[name] = _spec(
       corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes,
-      meta_filter, db.manifest)
+      meta_filter, db.manifest, split_max_bytes)
   return task
 
 
 def register_for_reading(name: str, *, corpus: str, db_dir: str,
                          seq_len: int, num_neighbours: int,
                          spm_path: str = "", max_bytes: Optional[int] = None,
-                         meta_filter: Union[str, Mapping[str, str], None] = None
-                         ) -> seqio.Task:
+                         meta_filter: Union[str, Mapping[str, str], None] = None,
+                         split_max_bytes: Union[str, Mapping[str, int],
+                                                None] = None) -> seqio.Task:
   """Registers Task `name` to read its cache (training, evaluation).
 
   Takes only what identifies the cached examples, so the Task matches the
@@ -262,8 +276,8 @@ def register_for_reading(name: str, *, corpus: str, db_dir: str,
 
   Args:
     name: the seqio Task name.
-    corpus, db_dir, seq_len, num_neighbours, max_bytes: as for
-      `register_retro_task` (max_bytes 0 or None: all).
+    corpus, db_dir, seq_len, num_neighbours, max_bytes, split_max_bytes:
+      as for `register_retro_task` (max_bytes 0 or None: all).
     spm_path: the vocabulary ("": <db_dir>/spm.model, as
       `sequence_neighbours.default_spm_path`).
     meta_filter: {key: value} or its "key=value,..." form ("" / None: all).
@@ -276,7 +290,8 @@ def register_for_reading(name: str, *, corpus: str, db_dir: str,
       name, corpus=corpus,
       spm_path=sequence_neighbours.default_spm_path(spm_path, db_dir),
       db_dir=db_dir, seq_len=seq_len, num_neighbours=num_neighbours,
-      max_bytes=max_bytes or None, meta_filter=meta_filter or None)
+      max_bytes=max_bytes or None, meta_filter=meta_filter or None,
+      split_max_bytes=split_max_bytes or None)
 
 
 def neighbour_texts(example: Mapping[str, np.ndarray], sp,
@@ -304,6 +319,17 @@ def parse_meta_filter(text: str) -> Dict[str, str]:
   return out
 
 
+def parse_split_bytes(text: str) -> Dict[str, int]:
+  """"validation=200000,..." -> {"validation": 200000, ...}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    split, sep, value = item.partition("=")
+    if not sep or not split or not value.strip().isdigit():
+      raise ValueError(f"split_max_bytes item {item!r} is not split=bytes")
+    out[split] = int(value)
+  return out
+
+
 def register_from_config(config, embedder=None) -> seqio.Task:
   """Registers the Task a configs/tasks_*.py config describes."""
   spm_path = spm_path_of(config)
@@ -314,7 +340,8 @@ def register_from_config(config, embedder=None) -> seqio.Task:
       splits=tuple(s for s in config.splits.split(",") if s),
       max_bytes=config.max_bytes or None,
       meta_filter=parse_meta_filter(config.meta_filter) or None,
-      embedder=embedder, retrieval_batch=config.retrieval_batch)
+      embedder=embedder, retrieval_batch=config.retrieval_batch,
+      split_max_bytes=config.get("split_max_bytes", "") or None)
 
 
 def load_embedder(config):

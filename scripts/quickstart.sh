@@ -54,7 +54,8 @@ stage "2/6 neighbours of every 64-token chunk (seqio cache, Beam)"
 "$PY" scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
   --config.task_name=retro_quickstart --config.db_dir="$W/db" \
   --config.cache_dir="$W/cache" --config.max_bytes="$DATA_BYTES" \
-  --config.seq_len=256 --config.num_neighbours=2
+  --config.split_max_bytes=validation=200000 --config.seq_len=256 \
+  --config.num_neighbours=2
 
 stage "3/6 train RETRO ($STEPS steps)"
 "$PY" scripts/train.py "${TRAIN[@]}" --workdir="$W/retro"

@@ -436,3 +436,32 @@ def test_hosts_read_whole_files_when_the_cache_has_enough(setup, tmp_path):
   it = tasks.batches(NAME, "train", batch_size=4, shard_index=1,
                      num_shards=2, cache_dir=str(tmp_path))
   assert len([next(it) for _ in range(n)]) == n
+
+
+def test_split_max_bytes_limits_one_split_and_is_part_of_the_identity(setup):
+  """A per-split override reads less text of that split only, and a reader
+  registering another override is refused the cache, naming the field."""
+  def text_bytes(split, **kw):
+    ds = tasks._corpus_dataset(split, False, corpus="python_stdlib",
+                               max_bytes=60_000, meta_filter=None, **kw)
+    return sum(len(x["text"]) for x in ds.as_numpy_iterator())
+
+  small = text_bytes("validation", split_max_bytes={"validation": 5_000})
+  assert 5_000 <= small < text_bytes("validation")
+  assert text_bytes("train", split_max_bytes={"validation": 5_000}) == (
+      text_bytes("train"))
+  assert tasks.parse_split_bytes("validation=200, test=7") == {
+      "validation": 200, "test": 7}
+  with pytest.raises(ValueError, match="split=bytes"):
+    tasks.parse_split_bytes("validation=lots")
+  try:
+    tasks.register_for_reading(
+        NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
+        seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
+        split_max_bytes="validation=5000")
+    with pytest.raises(task_cache.IncompleteCacheError,
+                       match="split_max_bytes"):
+      next(tasks.batches(NAME, "validation", batch_size=2,
+                         cache_dir=setup["cache_dir"]))
+  finally:
+    _register_as_the_cache_job(setup)
