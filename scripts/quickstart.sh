@@ -71,11 +71,27 @@ EVAL=(--config=configs/eval.py --config.eval.tasks=task --config.eval.max_batche
 
 stage "6/6 sample a continuation, retrieving at every chunk boundary"
 "$PY" scripts/sample.py --workdir="$W/retro" --num_tokens=128 \
-  --show_neighbours --prompt='def read_config(path):
-    """Reads a configuration file and returns a dict."""
+  --temperature=0.8 --top_k=40 --show_neighbours --prompt='import os
+import sys
+
+
+def main(argv):
+    """Parses the command line and runs the program."""
 '
 
 stage "done"
+"$PY" - "$W" <<'PYEOF'
+import glob, json, os, sys
+w = sys.argv[1]
+def bpb(run):
+  path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]
+  res = json.load(open(path))["sets"]["task"]
+  return res["retrieval_on"]["bits_per_byte"], res["retrieval_off"]["bits_per_byte"]
+on, off = bpb("retro")
+base, _ = bpb("baseline")
+print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
+      f"baseline without CCA {base:.4f}")
+PYEOF
 cat <<EOF
 TensorBoard logs:  $W/retro, $W/baseline   (tensorboard --logdir $W)
 checkpoints:       $W/retro/checkpoints, $W/baseline/checkpoints
