@@ -20,6 +20,7 @@ mesh restores onto any other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -202,6 +203,18 @@ def abstract_with_shardings(abstract, shardings):
 
 
 # -- params only (evaluation, sampling, RETROfit) -----------------------------
+class _ExpectedReadOnlyWarnings(logging.Filter):
+  """Drops orbax's warnings about what a params-only, read-only restore
+  leaves out on purpose (the other items; saving being off)."""
+
+  EXPECTED = ("was found in the checkpoint, but could not be restored",
+              "Given directory is read only", "read_only=True, setting")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(e in message for e in self.EXPECTED)
+
+
 def restore_params(workdir: str, step: Optional[int] = None,
                    shardings: Union[Any, Callable[[Any], Any], None] = None
                    ) -> Tuple[ml_collections.ConfigDict, Any, int]:
@@ -220,6 +233,8 @@ def restore_params(workdir: str, step: Optional[int] = None,
   """
   config = load_run_config(workdir)
   directory = str(_path(workdir, CHECKPOINT_DIR))
+  quiet = _ExpectedReadOnlyWarnings()
+  logging.getLogger("absl").addFilter(quiet)
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True,
                                                       create=False),
@@ -246,4 +261,5 @@ def restore_params(workdir: str, step: Optional[int] = None,
             abstract_with_shardings(meta, shardings))))["params"]
   finally:
     manager.close()
+    logging.getLogger("absl").removeFilter(quiet)
   return config, params, step

@@ -16,6 +16,7 @@ import resource
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from retro_jax.retrieval import pipeline
@@ -35,6 +36,8 @@ _K = flags.DEFINE_integer("k", 5, "Neighbours printed by --query.")
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:    # Progress goes to stdout; -v 0
+    logging.set_verbosity(logging.WARNING)   # shows JAX's INFO logs.
   config, db_dir = _CONFIG.value, _DB_DIR.value
   embedder = BertEmbedder.load(config.embedder or None,
                                batch_size=config.embed_batch)

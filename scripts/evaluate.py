@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py",
@@ -27,6 +28,8 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:    # Results go to stdout; -v 0
+    logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
   from retro_jax import eval_job  # pylint: disable=g-import-not-at-top
   try:
     eval_job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,

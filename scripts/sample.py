@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (scripts/train.py).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
@@ -34,6 +35,8 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:    # Results go to stdout; -v 0
+    logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
   import retro_jax  # pylint: disable=g-import-not-at-top
   try:
     run = retro_jax.load(_WORKDIR.value, _STEP.value, db_dir=_DB.value or None)
