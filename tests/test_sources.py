@@ -51,6 +51,34 @@ def test_bad_split_and_missing_root_raise(tmp_path):
     list(sources.python_stdlib(root=str(tmp_path / "nope")))
 
 
+def test_shuffled_order_samples_every_package_and_keeps_the_split(tmp_path):
+  for package in ("aaa", "mmm", "zzz"):
+    for i in range(20):
+      _write(tmp_path, f"{package}/m{i}.py", f"x = {i}  # {package}\n".encode())
+  root = str(tmp_path)
+  in_path_order = [d.source for d in sources.python_stdlib(root=root)]
+  shuffled = [d.source for d in sources.python_stdlib(root=root,
+                                                      order="shuffled")]
+  assert in_path_order == sorted(in_path_order)
+  assert sorted(shuffled) == in_path_order and shuffled != in_path_order
+  # The order is a function of the paths alone: the same on every run.
+  assert shuffled == [d.source for d in sources.open_corpus(
+      "python_stdlib:shuffled", root=root)]
+  # A small prefix draws from every package, not only the alphabetical head.
+  head = list(sources.python_stdlib(root=root, order="shuffled",
+                                    max_bytes=15 * 15))
+  assert {d.source.split(":")[1].split("/")[0] for d in head} == {
+      "aaa", "mmm", "zzz"}
+  for split in sources.SPLITS:   # The split of a file does not depend on order.
+    assert sorted(d.source for d in sources.python_stdlib(
+        split, root=root, order="shuffled")) == [
+            d.source for d in sources.python_stdlib(split, root=root)]
+  with pytest.raises(ValueError, match="unknown file order"):
+    list(sources.python_stdlib(root=root, order="random"))
+  with pytest.raises(ValueError, match="python_stdlib:shuffled"):
+    sources.open_corpus("python_stdlib:random")
+
+
 # --- JSON lines ---------------------------------------------------------------
 
 def _zst(path, lines, frames=1):
@@ -254,7 +282,7 @@ def test_open_corpus_dispatches_and_lists_kinds(tmp_path):
   assert [d.source for d in lib] == ["stdlib:m.py"]
   for spec in ("c4", "jsonl:", "hf:c4/en", "python_stdlib:x"):
     with pytest.raises(ValueError, match=r"known kinds: python_stdlib, "
-                       r"jsonl:<glob>, textdir:<path>, tfds:"):
+                       r"python_stdlib:shuffled, jsonl:<glob>, textdir:<path>, tfds:"):
       sources.open_corpus(spec)
 
 

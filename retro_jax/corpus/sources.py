@@ -29,6 +29,7 @@ from retro_jax.corpus import streams
 
 SPLITS = ("train", "validation")
 LAYOUTS = ("auto", "pile", "c4", "plain")
+ORDERS = ("path", "shuffled")   # File orders of the folder readers.
 _NOT_STDLIB = ("site-packages", "dist-packages", "__pycache__")
 
 
@@ -89,43 +90,57 @@ def _until(max_bytes: Optional[int], docs: Iterable[Document]
       return
 
 
-def _file_documents(root: str, keep_dir: Callable[[str], bool],
-                    keep_name: Callable[[str], bool], prefix: str,
-                    split: Optional[str], validation_percent: int,
-                    skipped: Optional[MutableMapping[str, int]]
-                    ) -> Iterator[Document]:
-  """One document per kept file under `root`, in sorted path order; the
-  source is `prefix` + the relative path, the split is by relative path."""
+def _file_paths(root: str, keep_dir: Callable[[str], bool],
+                keep_name: Callable[[str], bool]) -> Iterator[Tuple[str, str]]:
+  """(path, path relative to `root`) of every kept file, in sorted order."""
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
     for name in sorted(filenames):
-      if not keep_name(name):
-        continue
-      path = os.path.join(dirpath, name)
-      rel = os.path.relpath(path, root).replace(os.sep, "/")
-      if split is not None and split_of(rel, validation_percent) != split:
-        continue
-      try:
-        with open(path, encoding="utf-8") as f:
-          text = f.read()
-      except UnicodeDecodeError:
-        _count(skipped, "invalid_utf8")
-        continue
-      except OSError:
-        _count(skipped, "unreadable")
-        continue
-      if not text.strip():
-        _count(skipped, "empty")
-        continue
-      yield Document(stable_id(prefix + rel), text, prefix + rel)
+      if keep_name(name):
+        path = os.path.join(dirpath, name)
+        yield path, os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _file_documents(root: str, keep_dir: Callable[[str], bool],
+                    keep_name: Callable[[str], bool], prefix: str,
+                    split: Optional[str], validation_percent: int,
+                    skipped: Optional[MutableMapping[str, int]],
+                    order: str = "path") -> Iterator[Document]:
+  """One document per kept file under `root`; the source is `prefix` + the
+  relative path, the split is by relative path.
+
+  `order` "path" walks sorted paths; "shuffled" sorts them by a stable hash,
+  so that every `max_bytes` prefix is a uniform sample of the folder.
+  """
+  if order not in ORDERS:
+    raise ValueError(f"unknown file order {order!r}; orders are {ORDERS}")
+  paths = _file_paths(root, keep_dir, keep_name)
+  if order == "shuffled":
+    paths = sorted(paths, key=lambda p: hashlib.sha256(p[1].encode()).digest())
+  for path, rel in paths:
+    if split is not None and split_of(rel, validation_percent) != split:
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    except UnicodeDecodeError:
+      _count(skipped, "invalid_utf8")
+      continue
+    except OSError:
+      _count(skipped, "unreadable")
+      continue
+    if not text.strip():
+      _count(skipped, "empty")
+      continue
+    yield Document(stable_id(prefix + rel), text, prefix + rel)
 
 
 def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
                   validation_percent: int = 5,
                   max_bytes: Optional[int] = None,
-                  skipped: Optional[MutableMapping[str, int]] = None
-                  ) -> Iterator[Document]:
-  """Documents of the standard library's `.py` files, in sorted path order.
+                  skipped: Optional[MutableMapping[str, int]] = None,
+                  order: str = "path") -> Iterator[Document]:
+  """Documents of the standard library's `.py` files.
 
   Installed packages (site-packages) are not part of it. Files that are not
   valid UTF-8 are skipped.
@@ -137,6 +152,9 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
     max_bytes: stop after about this many bytes of text.
     skipped: if given, counts skipped files by reason ("invalid_utf8",
       "unreadable", "empty").
+    order: "path" (sorted paths: a `max_bytes` prefix is the alphabetical
+      head, a few packages) or "shuffled" (sorted by a stable hash of the
+      path: a prefix is a uniform sample of the whole library).
   """
   _check_split(split)
   root = root or stdlib_root()
@@ -145,7 +163,7 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
   yield from _until(max_bytes, _file_documents(
       root, lambda d: d not in _NOT_STDLIB,
       lambda name: name.endswith(".py"), "stdlib:", split, validation_percent,
-      skipped))
+      skipped, order))
 
 
 # --- JSON lines: plain, gzip, zstd (streams.py) --------------------------------
@@ -382,14 +400,16 @@ def tfds_dataset(name: str, split: Optional[str] = "train",
 
 _KINDS: Dict[str, Callable[..., Iterator[Document]]] = {
     "jsonl": jsonl, "textdir": text_folder, "tfds": tfds_dataset}
-KNOWN_SPECS = ("python_stdlib", "jsonl:<glob>", "textdir:<path>",
+KNOWN_SPECS = ("python_stdlib", "python_stdlib:shuffled", "jsonl:<glob>", "textdir:<path>",
                "tfds:<name>[:<version>]")
 
 
 def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
   """The documents of a corpus named in one string, for scripts and configs.
 
-  "python_stdlib" is the embedded default; "jsonl:/data/pile/*.jsonl.zst",
+  "python_stdlib" is the embedded default (sorted paths) and
+  "python_stdlib:shuffled" the same files in a stable hashed order, so that a
+  `max_bytes` prefix samples the whole library; "jsonl:/data/pile/*.jsonl.zst",
   "textdir:/data/books" and "tfds:c4/en:3.0.1" pass the rest of the string to
   `jsonl`, `text_folder` and `tfds_dataset`. Keyword arguments (split,
   max_bytes, skipped, data_dir, ...) go to the reader.
@@ -397,6 +417,8 @@ def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
   kind, sep, arg = spec.partition(":")
   if spec == "python_stdlib":
     return python_stdlib(**kwargs)
+  if kind == "python_stdlib" and arg in ORDERS:
+    return python_stdlib(order=arg, **kwargs)
   if kind in _KINDS and sep and arg:
     return _KINDS[kind](arg, **kwargs)
   raise ValueError(f"unknown corpus {spec!r}; known kinds: "
