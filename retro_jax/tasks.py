@@ -25,8 +25,8 @@ Shape glossary:
 from __future__ import annotations
 
 import functools
-from typing import (Any, Dict, Iterator, Mapping, Optional, Sequence,
-                    Union)
+from typing import (Any, Callable, Dict, Iterator, Mapping, Optional,
+                    Sequence, Union)
 
 import numpy as np
 import seqio
@@ -308,26 +308,29 @@ def neighbour_texts(example: Mapping[str, np.ndarray], sp,
   return out
 
 
-def parse_meta_filter(text: str) -> Dict[str, str]:
-  """"pile_set_name=ArXiv,..." -> {"pile_set_name": "ArXiv", ...}."""
+def _parse_pairs(text: str, field: str, shape: str,
+                 valid: Callable[[str, str], bool]) -> Dict[str, str]:
+  """"a=x,b=y" -> {"a": "x", "b": "y"}; an item failing `valid` names
+  `field` and the expected `shape`."""
   out = {}
   for item in filter(None, (s.strip() for s in text.split(","))):
     key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"meta filter item {item!r} is not key=value")
+    if not sep or not key or not valid(key, value):
+      raise ValueError(f"{field} item {item!r} is not {shape}")
     out[key] = value
   return out
 
 
+def parse_meta_filter(text: str) -> Dict[str, str]:
+  """"pile_set_name=ArXiv,..." -> {"pile_set_name": "ArXiv", ...}."""
+  return _parse_pairs(text, "meta filter", "key=value", lambda k, v: True)
+
+
 def parse_split_bytes(text: str) -> Dict[str, int]:
   """"validation=200000,..." -> {"validation": 200000, ...}."""
-  out = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    split, sep, value = item.partition("=")
-    if not sep or not split or not value.strip().isdigit():
-      raise ValueError(f"split_max_bytes item {item!r} is not split=bytes")
-    out[split] = int(value)
-  return out
+  pairs = _parse_pairs(text, "split_max_bytes", "split=bytes",
+                       lambda k, v: v.strip().isdigit())
+  return {split: int(value) for split, value in pairs.items()}
 
 
 def register_from_config(config, embedder=None) -> seqio.Task:

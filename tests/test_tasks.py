@@ -454,6 +454,10 @@ def test_split_max_bytes_limits_one_split_and_is_part_of_the_identity(setup):
       "validation": 200, "test": 7}
   with pytest.raises(ValueError, match="split=bytes"):
     tasks.parse_split_bytes("validation=lots")
+  assert tasks.parse_meta_filter("pile_set_name=ArXiv, lang=") == {
+      "pile_set_name": "ArXiv", "lang": ""}
+  with pytest.raises(ValueError, match="'ArXiv' is not key=value"):
+    tasks.parse_meta_filter("ArXiv")
   try:
     tasks.register_for_reading(
         NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
