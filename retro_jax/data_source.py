@@ -15,6 +15,10 @@ Sources (`config.data.source`):
   synthetic  tokens from a fixed random bigram chain (learnable, so the loss
              falls) and random neighbours, drawn from (seed, step): for
              benchmarks and tests, no files needed.
+  copy       a probe of whether a model learns to read its neighbours:
+             uniform tokens, so nothing but retrieval beats chance, and the
+             first neighbour of chunk u holds chunks u and u + 1 (the text
+             the tokens from u*m + m - 1 on predict), the second is noise.
   task       the seqio Task of `retro_jax.tasks` (real corpus, precomputed
              neighbours), registered from the `config.data` fields and read
              with `tasks.batches(..., start_step=step)`.
@@ -35,7 +39,8 @@ from retro_jax.config import RetroConfig
 
 Batch = Dict[str, np.ndarray]
 DataSource = Callable[[int], Iterator[Batch]]
-SOURCES = ("synthetic", "task")
+SOURCES = ("synthetic", "copy", "task")
+COPY_ALPHABET = 512   # Token ids of the copy probe: 1..511 (chance ln 511).
 
 
 def synthetic_batch(cfg: RetroConfig, batch_size: int, seq_len: int,
@@ -66,17 +71,41 @@ def synthetic_batch(cfg: RetroConfig, batch_size: int, seq_len: int,
           "loss_mask": np.ones((b, seq_len), np.int32)}
 
 
+def copy_batch(cfg: RetroConfig, batch_size: int, seq_len: int, seed: int,
+               step: int, shard_index: int = 0, num_shards: int = 1) -> Batch:
+  """This host's rows of the copy-probe batch of `step` (see the module
+  docstring): neighbour 0 of chunk u is tokens [u*m, u*m + r) of a stream
+  that runs on past the sequence; neighbour 1 is uniform noise."""
+  v = min(COPY_ALPHABET, cfg.vocab_size)
+  m, r = cfg.chunk_size, cfg.neighbour_len
+  if cfg.num_neighbours < 1 or r < 2 * m:
+    raise ValueError("the copy probe needs num_neighbours >= 1 and "
+                     f"neighbour_len >= 2 * chunk_size, got "
+                     f"{cfg.num_neighbours} and {r}")
+  rng = np.random.default_rng([seed, step, 0xC0B1])
+  l = seq_len // m
+  stream = rng.integers(1, v, (batch_size, (l - 1) * m + r), np.int32)
+  neighbours = rng.integers(
+      1, v, (batch_size, l, cfg.num_neighbours, r), np.int32)  # [B, L, k, r]
+  for u in range(l):
+    neighbours[:, u, 0] = stream[:, u * m:u * m + r]
+  b = batch_size // num_shards
+  rows = slice(shard_index * b, (shard_index + 1) * b)
+  return {"tokens": stream[rows, :seq_len], "neighbours": neighbours[rows],
+          "loss_mask": np.ones((b, seq_len), np.int32)}
+
+
 def synthetic_source(cfg: RetroConfig, batch_size: int, seq_len: int,
-                     seed: int, *, shard: Tuple[int, int]) -> DataSource:
-  """`start_step -> iterator` of synthetic batches for this host; `shard`
+                     seed: int, *, shard: Tuple[int, int],
+                     make_batch=synthetic_batch) -> DataSource:
+  """`start_step -> iterator` of `make_batch` batches for this host; `shard`
   is its (index, count) from `sharding.host_batch_shard`."""
   shard, shards = shard
 
   def iterate(start_step: int) -> Iterator[Batch]:
     step = start_step
     while True:
-      yield synthetic_batch(cfg, batch_size, seq_len, seed, step, shard,
-                            shards)
+      yield make_batch(cfg, batch_size, seq_len, seed, step, shard, shards)
       step += 1
   return iterate
 
@@ -121,8 +150,10 @@ def make_source(config: ml_collections.ConfigDict,
   if source == "task":
     return task_source(config, shard=shard)
   cfg = RetroConfig.from_dict(config.model)
-  return synthetic_source(cfg, config.train.batch_size, config.train.seq_len,
-                          config.train.seed, shard=shard)
+  return synthetic_source(
+      cfg, config.train.batch_size, config.train.seq_len, config.train.seed,
+      shard=shard, make_batch=copy_batch if source == "copy" else
+      synthetic_batch)
 
 
 def data_position(config: ml_collections.ConfigDict, step: int) -> dict:

@@ -217,3 +217,25 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
     np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-3, err_msg=k)
   assert math.isclose(one["metrics"]["loss"], acc["metrics"]["loss"],
                       rel_tol=1e-5)
+
+
+def test_copy_probe_neighbour_holds_what_the_chunk_predicts():
+  cfg = RetroConfig.from_dict(tiny_config().model)
+  m, r = cfg.chunk_size, cfg.neighbour_len
+  b = data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=7)
+  tokens, nbs = b["tokens"], b["neighbours"]
+  l = tokens.shape[1] // m
+  assert nbs.shape == (4, l, cfg.num_neighbours, r)
+  assert tokens.min() >= 1 and tokens.max() < data_source.COPY_ALPHABET
+  for u in range(l - 1):
+    # Chunk u's first neighbour is chunk u, then the chunk CCA predicts.
+    np.testing.assert_array_equal(nbs[:, u, 0, :m], tokens[:, u * m:(u + 1) * m])
+    np.testing.assert_array_equal(nbs[:, u, 0, m:2 * m],
+                                  tokens[:, (u + 1) * m:(u + 2) * m])
+    assert (nbs[:, u, 1] != nbs[:, u, 0]).mean() > 0.9   # The other is noise.
+  # A function of (seed, step); a host's shard is its rows of the batch.
+  again = data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=7,
+                                 shard_index=1, num_shards=2)
+  np.testing.assert_array_equal(again["neighbours"], nbs[2:])
+  assert not np.array_equal(
+      data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=8)["tokens"], tokens)
