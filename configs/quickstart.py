@@ -3,10 +3,12 @@
 scripts/quickstart.sh runs every stage with this config; by hand:
 
   python scripts/build_db.py --config=configs/db_stdlib.py \
-      --db_dir=runs/quickstart/db --config.max_bytes=2000000 \
+      --db_dir=runs/quickstart/db --config.corpus=python_stdlib:shuffled \
+      --config.max_bytes=2000000 \
       --config.vocab_size=4096 --config.spm_train_bytes=2000000
   python scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
-      --config.task_name=retro_quickstart --config.db_dir=runs/quickstart/db \
+      --config.task_name=retro_quickstart --config.corpus=python_stdlib:shuffled \
+      --config.db_dir=runs/quickstart/db \
       --config.cache_dir=runs/quickstart/cache --config.max_bytes=2000000 \
       --config.split_max_bytes=validation=200000 --config.seq_len=256
   python scripts/train.py --config=configs/quickstart.py \
@@ -61,7 +63,9 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.source = "task"           # The seqio Task (real neighbours).
   config.data.task_name = "retro_quickstart"  # seqio Task name.
-  config.data.corpus = "python_stdlib"  # Corpus spec (corpus.sources).
+  # Corpus spec (corpus.sources): the library's files in a stable hashed
+  # order, so the 2 MB slice samples every package, not the alphabetical head.
+  config.data.corpus = "python_stdlib:shuffled"
   config.data.split = "train"           # Split the Task is read from.
   config.data.max_bytes = 2_000_000     # Text per split the Task reads.
   config.data.meta_filter = ""          # Document meta "k=v,..."; "" = all.

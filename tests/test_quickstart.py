@@ -1,0 +1,108 @@
+"""The README's main command, scripts/quickstart.sh, at a small size.
+
+It is interrupted with Ctrl-C (SIGINT to its process group) while training,
+then run again: the rerun must reuse the DB and the neighbour cache, finish
+every stage and print where each output lies. A third run, with everything
+complete, must reproduce the same bits per byte without retraining.
+"""
+
+import glob
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--steps=12", "--data_bytes=300000"]
+BPB_LINE = re.compile(r"held-out bits per byte: RETRO ([\d.]+) \(retrieval off "
+                      r"([\d.]+)\), baseline without CCA ([\d.]+)")
+
+
+def _command(workdir):
+  # The venv running these tests is the one the script would set up
+  # (scripts/setup_env.sh finds it installed and installs nothing).
+  env = dict(os.environ, VENV=sys.prefix)
+  env.pop("XLA_FLAGS", None)   # The quickstart runs on one CPU device.
+  return dict(args=["bash", "scripts/quickstart.sh", *ARGS,
+                    f"--workdir={workdir}"], cwd=ROOT, env=env, text=True)
+
+
+def _run(workdir) -> str:
+  done = subprocess.run(**_command(workdir), capture_output=True, timeout=1500)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  return done.stdout + done.stderr
+
+
+def _interrupt_during_training(workdir) -> str:
+  """Runs the command until training starts, then presses Ctrl-C."""
+  # A shell that starts jobs in the background (a CI runner, `cmd &`) hands
+  # them SIGINT ignored; a terminal's foreground job has the default action.
+  proc = subprocess.Popen(
+      **_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      start_new_session=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    # "model: ..." is printed by the training process itself, so the signal
+    # reaches a running Python, as a Ctrl-C in a terminal would.
+    if line.startswith("model:") and any(
+        seen.startswith("== 3/6") for seen in lines):
+      os.killpg(proc.pid, signal.SIGINT)
+      break
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0, "the interrupted command must fail"
+  return "".join(lines) + rest
+
+
+def _mtimes(paths):
+  return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
+  w = str(tmp_path / "qs")
+  first = _interrupt_during_training(w)
+  assert "== 1/6" in first and "== 2/6" in first and "== 4/6" not in first
+  # The expensive parts: vocabulary, chunks, BERT embeddings, neighbours.
+  # (The exact index of a small DB is rebuilt in well under a second.)
+  db_files = glob.glob(f"{w}/db/shards/*/*") + [f"{w}/db/spm.model"]
+  cache_files = glob.glob(f"{w}/cache/retro_quickstart/*")
+  assert f"{w}/db/manifest.json" in glob.glob(f"{w}/db/*")
+  assert f"{w}/cache/retro_quickstart/COMPLETED" in cache_files
+  assert any(p.endswith("embeddings.npy") for p in db_files)
+  before = _mtimes(db_files + cache_files)
+
+  second = _run(w)
+  # The DB and the neighbour cache were reused, not rebuilt.
+  assert _mtimes(before) == before
+  assert "complete cache" in second and "nothing to do" in second
+  for stage in range(1, 7):
+    assert f"== {stage}/6" in second
+  on, off, base = map(float, BPB_LINE.search(second).groups())
+  assert all(0 < x < 16 and math.isfinite(x) for x in (on, off, base))
+  assert on != off          # Retrieval changes what RETRO predicts.
+  # Sampling shows each chunk with the neighbours it was continued from.
+  assert "=== chunk 1 ===" in second and "--- neighbour 0 ---" in second
+
+  # Everything the last lines name exists.
+  for run in ("retro", "baseline"):
+    assert os.path.isdir(f"{w}/{run}/checkpoints/12")
+    assert glob.glob(f"{w}/{run}/events.out.tfevents.*")
+    [result] = glob.glob(f"{w}/{run}/eval/step_12.json")
+    sets = json.load(open(result))["sets"]["task"]
+    assert sets["retrieval_on"]["bits_per_byte"] > 0
+  assert glob.glob(f"{w}/retro/eval/leakage_step_12.png")
+  assert f"retrieval DB:      {w}/db" in second
+
+  # Complete: a third run trains nothing and reproduces the numbers.
+  checkpoints = _mtimes(glob.glob(f"{w}/*/checkpoints/12"))
+  third = _run(w)
+  assert _mtimes(checkpoints) == checkpoints
+  assert BPB_LINE.search(third).groups() == BPB_LINE.search(second).groups()
