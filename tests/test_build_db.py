@@ -60,13 +60,32 @@ def test_query_returns_the_chunk_itself_first(built):
 
 def test_rerun_resumes_without_rework(built):
   db_dir, embedder, summary, _ = built
-  again = pipeline.build_database(
-      db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
-      os.path.join(os.path.dirname(db_dir), "spm.model"), embedder,
-      vocab_size=512, shard_chunks=100, log=lambda _: None)
+  index_json = os.path.join(db_dir, "index", "index.json")
+  saved_at = os.stat(index_json).st_mtime_ns
+
+  def rerun():
+    lines = []
+    again = pipeline.build_database(
+        db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
+        os.path.join(os.path.dirname(db_dir), "spm.model"), embedder,
+        vocab_size=512, shard_chunks=100, log=lines.append)
+    return again, lines
+
+  again, lines = rerun()
   assert again["chunks"]["shards_written"] == 0
   assert again["embed"]["chunks_embedded"] == 0
   assert again["num_chunks"] == summary["num_chunks"]
+  # The saved index serves the unchanged shards: not rebuilt.
+  assert os.stat(index_json).st_mtime_ns == saved_at
+  assert any(line.startswith("index: reusing the saved exact index")
+             for line in lines)
+  assert again["recall_at_10"] == summary["recall_at_10"]
+  # A damaged index is rebuilt, not trusted.
+  os.remove(index_json)
+  again, lines = rerun()
+  assert os.path.isfile(index_json)
+  assert not any("reusing" in line for line in lines)
+  assert pipeline.open_for_queries(db_dir, embedder)[1].kind == "exact"
 
 
 def test_unknown_stage_and_corpus_raise(built):

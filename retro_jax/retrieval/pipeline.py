@@ -124,23 +124,52 @@ def build_database(db_dir: str, docs: Callable[[], Iterable[Document]],
     manifest = timed("finalize", lambda: dblib.finalize(db_dir))
     db = dblib.RetrievalDB.open(db_dir)
     embeddings = db.embeddings()                               # [n, D]
-    searcher = timed("index", lambda: indexlib.build_index(
-        embeddings, kind=index_kind))
-    indexlib.save(searcher, os.path.join(db_dir, INDEX_DIR), overwrite=True)
-    queries = min(recall_queries, len(db))
-    recall = timed("recall", lambda: indexlib.measure_recall(
-        searcher, embeddings, num_queries=queries, k=10))
-    dblib.update_manifest(db_dir, index={"kind": searcher.kind,
-                                         "dir": INDEX_DIR},
-                          recall={"recall_at_10": recall, "queries": queries})
-    log(f"index: {searcher.kind} over {len(db):,} chunks in "
-        f"{seconds['index']:.1f} s, recall@10 {recall:.3f} over {queries} "
-        f"held-in queries ({seconds['recall']:.1f} s)")
+    searcher = timed("index", lambda: _saved_index(
+        db_dir, manifest, embeddings, index_kind))
+    if searcher is not None:
+      recall, queries = (manifest["recall"]["recall_at_10"],
+                         manifest["recall"]["queries"])
+      seconds["recall"] = 0.0
+      log(f"index: reusing the saved {searcher.kind} index over {len(db):,} "
+          f"chunks (shards unchanged), recall@10 {recall:.3f}")
+    else:
+      searcher = timed("index", lambda: indexlib.build_index(
+          embeddings, kind=index_kind))
+      indexlib.save(searcher, os.path.join(db_dir, INDEX_DIR), overwrite=True)
+      queries = min(recall_queries, len(db))
+      recall = timed("recall", lambda: indexlib.measure_recall(
+          searcher, embeddings, num_queries=queries, k=10))
+      dblib.update_manifest(db_dir, index={"kind": searcher.kind,
+                                           "dir": INDEX_DIR},
+                            recall={"recall_at_10": recall, "queries": queries})
+      log(f"index: {searcher.kind} over {len(db):,} chunks in "
+          f"{seconds['index']:.1f} s, recall@10 {recall:.3f} over {queries} "
+          f"held-in queries ({seconds['recall']:.1f} s)")
     summary.update(num_chunks=len(db), num_tokens=manifest["num_tokens"],
                    num_documents=manifest["num_documents"],
                    text_bytes=manifest["text_bytes"], recall_at_10=recall,
                    index_kind=searcher.kind)
   return summary
+
+
+def _saved_index(db_dir: str, manifest: Dict[str, Any],
+                 embeddings: np.ndarray, kind: str
+                 ) -> Optional[indexlib.Searcher]:
+  """The index a finished build saved, if it still serves: `finalize` keeps
+  the manifest's index and recall only while every shard is unchanged, and
+  the saved kind must be the one asked for (for "auto", the one
+  `build_index` would pick now). None means: build it."""
+  saved = manifest.get("index") or {}
+  if "recall" not in manifest or not saved.get("kind"):
+    return None
+  if kind == "auto":
+    kind = "exact" if len(embeddings) < indexlib.EXACT_BELOW else "scann"
+  if saved["kind"] != kind:
+    return None
+  try:
+    return indexlib.load(os.path.join(db_dir, INDEX_DIR), embeddings=embeddings)
+  except (FileNotFoundError, ValueError):
+    return None   # Missing or damaged: rebuilt and saved again.
 
 
 def _describe(d: Any) -> str:
