@@ -70,9 +70,9 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
   w = str(tmp_path / "qs")
   first = _interrupt_during_training(w)
   assert "== 1/6" in first and "== 2/6" in first and "== 4/6" not in first
-  # The expensive parts: vocabulary, chunks, BERT embeddings, neighbours.
-  # (The exact index of a small DB is rebuilt in well under a second.)
-  db_files = glob.glob(f"{w}/db/shards/*/*") + [f"{w}/db/spm.model"]
+  # Vocabulary, chunks, BERT embeddings, index; the cached neighbours.
+  db_files = glob.glob(f"{w}/db/shards/*/*") + [
+      f"{w}/db/spm.model", f"{w}/db/index/index.json"]
   cache_files = glob.glob(f"{w}/cache/retro_quickstart/*")
   assert f"{w}/db/manifest.json" in glob.glob(f"{w}/db/*")
   assert f"{w}/cache/retro_quickstart/COMPLETED" in cache_files
