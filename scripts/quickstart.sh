@@ -13,7 +13,7 @@
 #   bash scripts/quickstart.sh [--steps=N] [--data_bytes=N] [--corpus=SPEC]
 #                              [--workdir=DIR]
 #     --steps       training steps of each model (default 300, ~15 min in all
-#                   on 2 CPU cores; more steps widen RETRO's lead)
+#                   on 2 CPU cores; README: what more steps do and do not buy)
 #     --data_bytes  corpus text in the DB and the training Task (default 2 MB;
 #                   at least ~300 kB for the 4096-piece vocabulary). A tenth
 #                   as much text of held-out files is what evaluation scores.
