@@ -150,10 +150,10 @@ def make_source(config: ml_collections.ConfigDict,
   if source == "task":
     return task_source(config, shard=shard)
   cfg = RetroConfig.from_dict(config.model)
-  return synthetic_source(
-      cfg, config.train.batch_size, config.train.seq_len, config.train.seed,
-      shard=shard, make_batch=copy_batch if source == "copy" else
-      synthetic_batch)
+  make_batch = {"synthetic": synthetic_batch, "copy": copy_batch}[source]
+  return synthetic_source(cfg, config.train.batch_size, config.train.seq_len,
+                          config.train.seed, shard=shard,
+                          make_batch=make_batch)
 
 
 def data_position(config: ml_collections.ConfigDict, step: int) -> dict:

@@ -17,9 +17,10 @@ import sys
 
 import pytest
 
+from conftest import REPO_ROOT
+
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--steps=12", "--data_bytes=300000"]
 BPB_LINE = re.compile(r"held-out bits per byte: RETRO ([\d.]+) \(retrieval off "
                       r"([\d.]+)\), baseline without CCA ([\d.]+)")
@@ -31,7 +32,7 @@ def _command(workdir):
   env = dict(os.environ, VENV=sys.prefix)
   env.pop("XLA_FLAGS", None)   # The quickstart runs on one CPU device.
   return dict(args=["bash", "scripts/quickstart.sh", *ARGS,
-                    f"--workdir={workdir}"], cwd=ROOT, env=env, text=True)
+                    f"--workdir={workdir}"], cwd=REPO_ROOT, env=env, text=True)
 
 
 def _run(workdir) -> str:
@@ -103,6 +104,7 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
 
   # Complete: a third run trains nothing and reproduces the numbers.
   checkpoints = _mtimes(glob.glob(f"{w}/*/checkpoints/12"))
+  assert len(checkpoints) == 2
   third = _run(w)
   assert _mtimes(checkpoints) == checkpoints
   assert BPB_LINE.search(third).groups() == BPB_LINE.search(second).groups()

@@ -1,6 +1,6 @@
 """Every command in README.md names an existing script, its flags and fields
-(the checks are in tests/readme_commands.py), the README opens with the two
-set-up commands, and CI runs the test command."""
+(found by tests/readme_shell.py, checked by tests/readme_commands.py), the
+README opens with the two set-up commands, and CI runs the test command."""
 
 import os
 import re
@@ -8,9 +8,9 @@ import re
 import pytest
 
 from conftest import REPO_ROOT
-from readme_commands import (README, FORWARDS, fenced_blocks,
-                             logical_lines, command_segments, check_command,
-                             commands_in, readme_commands)
+from readme_commands import README, FORWARDS, check_command
+from readme_shell import (fenced_blocks, logical_lines, command_segments,
+                          commands_in, readme_commands)
 
 
 # -------------------------------------------------------------------- tests

@@ -278,6 +278,17 @@ def _import_scann():
   return scann
 
 
+def resolve_kind(kind: str, num_points: int,
+                 exact_below: int = EXACT_BELOW) -> str:
+  """"exact" or "scann": `kind` itself, or for "auto" exact search below
+  `exact_below` points."""
+  if kind not in ("auto", "exact", "scann"):
+    raise ValueError(f"kind must be auto, exact or scann, got {kind!r}")
+  if kind == "auto":
+    return "exact" if num_points < exact_below else "scann"
+  return kind
+
+
 def build_index(embeddings: np.ndarray, kind: str = "auto",
                 exact_below: int = EXACT_BELOW,
                 params: Optional[ScannParams] = None,
@@ -285,9 +296,7 @@ def build_index(embeddings: np.ndarray, kind: str = "auto",
   """The index of a DB: exact below `exact_below` points when kind is
   "auto"; kind "exact" or "scann" forces one. A ScaNN index is calibrated
   to `target_recall` (see `calibrate`) unless that is None."""
-  if kind not in ("auto", "exact", "scann"):
-    raise ValueError(f"kind must be auto, exact or scann, got {kind!r}")
-  if kind == "exact" or (kind == "auto" and len(embeddings) < exact_below):
+  if resolve_kind(kind, len(embeddings), exact_below) == "exact":
     return ExactSearcher(embeddings)
   searcher = ScannSearcher.build(embeddings, params)
   if target_recall is None:

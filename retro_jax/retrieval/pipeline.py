@@ -160,11 +160,8 @@ def _saved_index(db_dir: str, manifest: Dict[str, Any],
   the saved kind must be the one asked for (for "auto", the one
   `build_index` would pick now). None means: build it."""
   saved = manifest.get("index") or {}
-  if "recall" not in manifest or not saved.get("kind"):
-    return None
-  if kind == "auto":
-    kind = "exact" if len(embeddings) < indexlib.EXACT_BELOW else "scann"
-  if saved["kind"] != kind:
+  if ("recall" not in manifest
+      or saved.get("kind") != indexlib.resolve_kind(kind, len(embeddings))):
     return None
   try:
     return indexlib.load(os.path.join(db_dir, INDEX_DIR), embeddings=embeddings)
