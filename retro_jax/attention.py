@@ -141,10 +141,12 @@ def _dense_init(fan_in: int) -> hk.initializers.Initializer:
   return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
 
 
-def param(name: str, shape, fan_in: int, dtype) -> jax.Array:
-  """A float32 weight (truncated normal, std 1/sqrt(fan_in)) cast to the
-  compute dtype: parameters stay float32 under mixed precision."""
-  w = hk.get_parameter(name, shape, init=_dense_init(fan_in))
+def param(name: str, shape, fan_in: int, dtype,
+          zero_init: bool = False) -> jax.Array:
+  """A float32 weight (truncated normal, std 1/sqrt(fan_in), or zeros) cast
+  to the compute dtype: parameters stay float32 under mixed precision."""
+  init = jnp.zeros if zero_init else _dense_init(fan_in)
+  w = hk.get_parameter(name, shape, init=init)
   return w.astype(dtype)
 
 
@@ -271,6 +273,7 @@ class ChunkedCrossAttention(hk.Module):
   head_dim: int
   chunk_size: int
   rope_base: float
+  zero_init_out: bool = False
   name: Optional[str] = None
 
   def __call__(self, x: jax.Array, encoded: jax.Array,
@@ -289,7 +292,8 @@ class ChunkedCrossAttention(hk.Module):
     _, l, nk, r, e = encoded.shape
     w_q = param("w_q", [d, h, kd], d, x.dtype)  # [D, H, K]
     w_kv = param("w_kv", [e, 2, h, kd], e, x.dtype)  # [E, 2, H, K]
-    w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    w_o = param("w_o", [h, kd, d], h * kd, x.dtype,
+                self.zero_init_out)  # [H, K, D]
 
     shifted = jnp.pad(x[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))  # [B, N, D]
     shifted = shifted.reshape(b, l, m, d)  # [B, L, m, D]

@@ -48,6 +48,10 @@ class RetroConfig:
   enc_cross_attention_layers: Tuple[int, ...] = (1,)
   share_embeddings: bool = True      # Encoder reuses the decoder's embedding.
   tie_output: bool = False           # Logits use the transposed embedding.
+  # CCA output projections start at zero, so at initialisation RETRO computes
+  # exactly its no-retrieval baseline and the residual stream carries no
+  # neighbour noise until CCA has learnt something (cf. Flamingo's zero gates).
+  zero_init_cca: bool = False
   rope_base: float = 10_000.0        # Rotary embedding base frequency.
   norm_eps: float = 1e-6             # RMSNorm epsilon.
   compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16;

@@ -86,6 +86,42 @@ def test_all_padding_neighbours_equal_retrieval_off(setup, tiny):
   assert np.max(np.abs(on - off)) > 1e-3, "retrieval has no effect at all"
 
 
+def test_zero_init_cca_starts_as_the_baseline(tiny):
+  """With zero-initialised CCA outputs a fresh RETRO computes its baseline:
+  the logits ignore the neighbours, and the first gradient reaches the CCA
+  output projections but nothing upstream of them (encoder, CCA q/kv)."""
+  cfg = tiny.replace(zero_init_cca=True)
+  model = Retro(cfg)
+  tokens = random_tokens(cfg, 2, N, seed=3)
+  neighbours = random_neighbours(cfg, 2, N, seed=4)
+  params = jax.jit(model.init)(jax.random.key(0), tokens, neighbours)
+  on = np.asarray(model.apply(params, tokens, neighbours))
+  off = np.asarray(model.apply(params, tokens, None))
+  np.testing.assert_allclose(on, off, rtol=1e-6, atol=1e-6)
+
+  def loss(p):
+    logits = model.apply(p, tokens, neighbours)
+    return -jnp.mean(jnp.take_along_axis(
+        jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+  grads = jax.grad(loss)(params)
+  cca = [m for m in grads if m.endswith("/cca")]
+  assert len(cca) == len(cfg.cca_layers)
+  for m in cca:
+    assert np.all(np.asarray(params[m]["w_o"]) == 0)
+    assert np.max(np.abs(grads[m]["w_o"])) > 0, f"{m}/w_o gets no gradient"
+    assert np.max(np.abs(grads[m]["w_q"])) == 0
+  enc = [m for m in grads if "encoder/" in m]
+  assert enc and all(np.max(np.abs(leaf)) == 0
+                     for m in enc for leaf in grads[m].values())
+  # Once w_o moves, the neighbours act again.
+  moved = jax.tree_util.tree_map(lambda p, g: p - 0.1 * jnp.sign(g),
+                                 params, grads)
+  on = np.asarray(model.apply(moved, tokens, neighbours))
+  off = np.asarray(model.apply(moved, tokens, None))
+  assert np.max(np.abs(on - off)) > 1e-3
+
+
 def test_padding_chunk_zero_only(setup, tiny):
   """Chunk 0 without neighbours: retrieval-off logits up to where chunk 1's
   neighbours first act (position 2m - 1), different from there on."""
