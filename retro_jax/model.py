@@ -188,7 +188,7 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
       h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
       x = x + attention.ChunkedCrossAttention(
           cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-          cfg.zero_init_cca, name="cca")(h, encoded, valid)                        # [B, N, D]
+          cfg.zero_init_cca, name="cca")(h, encoded, valid)     # [B, N, D]
     return mlp_block(x), encoded
 
   encoded = None

@@ -409,8 +409,7 @@ def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
 
   "python_stdlib" is the embedded default (sorted paths) and
   "python_stdlib:shuffled" the same files in a stable hashed order, so that a
-  `max_bytes` prefix samples the whole library;
-  "jsonl:/data/pile/*.jsonl.zst",
+  `max_bytes` prefix samples the whole library. "jsonl:/data/pile/*.jsonl.zst",
   "textdir:/data/books" and "tfds:c4/en:3.0.1" pass the rest of the string to
   `jsonl`, `text_folder` and `tfds_dataset`. Keyword arguments (split,
   max_bytes, skipped, data_dir, ...) go to the reader.
