@@ -38,6 +38,10 @@ def _pin_threads_before_jax():
 _THREADS = _pin_threads_before_jax()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from retro_jax import host_memory
+
+_KEPT_FREED_MEMORY = host_memory.keep_freed_memory()  # Before XLA starts.
+
 import json
 import statistics
 import subprocess
@@ -140,7 +144,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   log(f"[retro_jax] jax {jax.__version__}, devices {jax.devices()}, "
-      f"cores {sorted(os.sched_getaffinity(0))}")
+      f"cores {sorted(os.sched_getaffinity(0))}, freed memory kept: "
+      f"{_KEPT_FREED_MEMORY}")
   ours = OurStep(config)
   t0 = time.perf_counter()
   ours.run(config.bench.warmup)
@@ -169,6 +174,7 @@ def main(argv):
       "matmul_peak_gflops": round(peak, 2),
       "mfu": round(model_flops / median / 1e9 / peak, 4),
       "threads": _THREADS or len(os.sched_getaffinity(0)),
+      "freed_memory_kept": _KEPT_FREED_MEMORY,
       "losses": [round(x, 4) for x in ours.losses],
   }
   if peer_runs:

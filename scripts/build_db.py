@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax import host_memory
 from retro_jax.retrieval import pipeline
 from retro_jax.retrieval.embedder import BertEmbedder
 
@@ -38,6 +39,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:    # Progress goes to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows JAX's INFO logs.
+  host_memory.keep_freed_memory()  # Before the XLA backend starts.
   config, db_dir = _CONFIG.value, _DB_DIR.value
   embedder = BertEmbedder.load(config.embedder or None,
                                batch_size=config.embed_batch)

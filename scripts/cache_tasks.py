@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax import host_memory
 from retro_jax import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +35,7 @@ def main(argv):
   del argv
   # seqio logs whole examples at INFO (every power-of-two example).
   logging.set_verbosity(logging.WARNING)
+  host_memory.keep_freed_memory()  # Before the XLA backend starts.
   config = _CONFIG.value
   task = tasks.register_from_config(config, tasks.load_embedder(config))
   summary = tasks.cache_task(task.name, config.cache_dir,

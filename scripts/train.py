@@ -41,6 +41,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:   # Progress lines go to stdout;
     logging.set_verbosity(logging.WARNING)  # -v 0 shows orbax/clu INFO logs.
+  from retro_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()  # Before the XLA backend starts.
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
                                     and on_tpu_vm()):
