@@ -282,7 +282,8 @@ class ChunkedCrossAttention(hk.Module):
 
     Args:
       x: [B, N, D] normalised decoder activations.
-      encoded: [B, L, k, r, E] encoded neighbours.
+      encoded: [B, L, k, r, E] encoded neighbours of the first L <= N / m
+        chunks; the positions later chunks' neighbours would reach get 0.
       neighbour_valid: bool [B, L, k, r], False at padding tokens.
     Returns:
       [B, N, D] to add to the residual stream.
@@ -290,12 +291,14 @@ class ChunkedCrossAttention(hk.Module):
     b, n, d = x.shape
     m, h, kd = self.chunk_size, self.num_heads, self.head_dim
     _, l, nk, r, e = encoded.shape
+    span = l * m  # Shifted positions that attend: m - 1 ... m - 2 + L * m.
     w_q = param("w_q", [d, h, kd], d, x.dtype)  # [D, H, K]
     w_kv = param("w_kv", [e, 2, h, kd], e, x.dtype)  # [E, 2, H, K]
     w_o = param("w_o", [h, kd, d], h * kd, x.dtype,
                 self.zero_init_out)  # [H, K, D]
 
-    shifted = jnp.pad(x[:, m - 1:], ((0, 0), (0, m - 1), (0, 0)))  # [B, N, D]
+    shifted = x[:, m - 1:m - 1 + span]  # [B, <= Lm, D]
+    shifted = jnp.pad(shifted, ((0, 0), (0, span - shifted.shape[1]), (0, 0)))
     shifted = shifted.reshape(b, l, m, d)  # [B, L, m, D]
     q = heads_first(dense(shifted, w_q))  # [B, L, H, m, K]
     q = rope(q, jnp.arange(m), self.rope_base) * (kd ** -0.5)
@@ -306,8 +309,9 @@ class ChunkedCrossAttention(hk.Module):
     valid = neighbour_valid.reshape(b, l, nk * r)  # [B, L, kr]
     out = attend(q, keys, kv[1], key_valid=valid)  # [B, L, H, m, K]
     out = dense(heads_last(out), w_o, 2)  # [B, L, m, D]
-    out = out.reshape(b, n, d)[:, :n - m + 1]  # [B, N-m+1, D]
-    return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))  # [B, N, D]
+    out = out.reshape(b, span, d)[:, :n - m + 1]  # [B, <= N-m+1, D]
+    return jnp.pad(out, ((0, 0), (m - 1, n - m + 1 - out.shape[1]),
+                         (0, 0)))  # [B, N, D]
 
   def decode_memory(self, encoded: jax.Array, neighbour_valid: jax.Array):
     """Keys and values of one chunk's encoded neighbours, for `decode`.

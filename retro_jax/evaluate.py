@@ -87,7 +87,8 @@ def make_token_nll(model: Retro):
   """jitted (params, tokens [B, n], neighbours [B, L, k, r] | None) ->
   float32 [B, n]: NLL (nats) of token j given tokens < j; 0 at j = 0."""
   def fn(params, tokens, neighbours):
-    logits = model.apply(params, tokens, neighbours)  # [B, n, V]
+    logits = model.apply(params, tokens, neighbours,   # [B, n, V]
+                         retrieve_for_last_position=False)  # Unscored.
     lse = jax.nn.logsumexp(logits[:, :-1], axis=-1)  # [B, n-1]
     picked = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None],
                                  -1)[..., 0]  # [B, n-1]

@@ -3,7 +3,10 @@
 Counts every matmul the model performs (2 FLOPs per multiply-add; training =
 forward + backward = 3x forward), including the attention score and value
 products as the implementation computes them: causal self-attention only over
-the key blocks it does not skip (see `attention.causal_attend`).
+the key blocks it does not skip (see `attention.causal_attend`), and
+retrieval for the first L - 1 chunks only: the loss has no target at the last
+position, the only one the last chunk's neighbours reach, so training never
+encodes them (`Retro.apply(..., retrieve_for_last_position=False)`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ def train_flops(cfg: RetroConfig, batch: int, seq_len: int,
                 retrieval: bool = True) -> Dict[str, float]:
   """Training FLOPs of one step, by component, and their `total`."""
   b, n, m = batch, seq_len, cfg.chunk_size
-  l, k, r = n // m, cfg.num_neighbours, cfg.neighbour_len
+  l, k, r = n // m - 1, cfg.num_neighbours, cfg.neighbour_len  # Retrieving.
   d, hk_ = cfg.d_model, cfg.num_heads * cfg.head_dim
   e, ehk = cfg.enc_d_model, cfg.enc_num_heads * cfg.enc_head_dim
   dec_tok, enc_tok = b * n, b * l * k * r
+  cca_tok = b * l * m              # Shifted positions that attend.
   n_cca = len(cfg.cca_layers) if retrieval else 0
   n_xenc = len(cfg.enc_cross_attention_layers)
 
@@ -38,10 +42,10 @@ def train_flops(cfg: RetroConfig, batch: int, seq_len: int,
       cfg.num_layers * 2 * b * causal_score_pairs(n, cfg.attention_block) * hk_)
   macs["logits"] = d * cfg.vocab_size * dec_tok
   if n_cca:
-    macs["cca_dense"] = n_cca * (2 * d * hk_ * dec_tok + 2 * e * hk_ * enc_tok)
+    macs["cca_dense"] = n_cca * (2 * d * hk_ * cca_tok + 2 * e * hk_ * enc_tok)
     macs["cca_attention"] = n_cca * 2 * (b * l) * m * (k * r) * hk_
     enc = cfg.enc_num_layers * (4 * e * ehk + 2 * e * cfg.enc_d_ff) * enc_tok
-    enc += n_xenc * (2 * e * ehk * enc_tok + 2 * d * ehk * b * n)
+    enc += n_xenc * (2 * e * ehk * enc_tok + 2 * d * ehk * cca_tok)
     if cfg.share_embeddings and e != d:
       enc += d * e * enc_tok
     macs["encoder_dense"] = enc

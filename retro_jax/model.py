@@ -18,6 +18,12 @@ Padding (token id 0) in `neighbours` is masked everywhere; a chunk whose
 neighbours are all padding receives exactly zero from every CCA layer, so the
 logits equal those of the same parameters with retrieval switched off
 (`neighbours=None`).
+
+The neighbours of the last chunk reach one position only, the last (CCA
+shifts by m - 1), and a next-token loss has no target there. With
+`retrieve_for_last_position=False` they are never encoded and that position
+is computed as if they were padding: the training and evaluation losses pass
+it and skip 1/L of the encoder and CCA work, with every other logit the same.
 """
 
 from __future__ import annotations
@@ -71,13 +77,15 @@ class NeighbourEncoder(hk.Module):
     Args:
       x: [B, L, k, r, E] embedded neighbour tokens.
       valid: bool [B, L, k, r], False at padding.
-      context: [B, N, D] decoder activations at the first CCA layer.
+      context: [B, N, D] decoder activations at the first CCA layer (only
+        the first L chunks are read).
     Returns:
       [B, L, k, r, E] encoded neighbours.
     """
     c = self.cfg
     b, l, nk, r, e = x.shape
-    ctx = context.reshape(b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
+    ctx = context[:, :l * c.chunk_size].reshape(
+        b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
     x = x.reshape(b * l * nk, r, e)  # [BLk, r, E]
     flat_valid = valid.reshape(b * l * nk, r)  # [BLk, r]
     for i in range(c.enc_num_layers):
@@ -153,7 +161,8 @@ def embed_neighbours(cfg: RetroConfig, table: jax.Array,
 
 
 def _forward(cfg: RetroConfig, tokens: jax.Array,
-             neighbours: Optional[jax.Array]) -> jax.Array:
+             neighbours: Optional[jax.Array],
+             retrieve_for_last_position: bool = True) -> jax.Array:
   """Logits [B, N, V] (float32) of tokens [B, N] given neighbours [B, L, k, r]."""
   dtype = dtype_of(cfg.compute_dtype)
   embed = hk.Embed(cfg.vocab_size, cfg.d_model, name="embed",
@@ -162,6 +171,9 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
   x = sharding.constrain(table[tokens], ("batch", "length", "embed"))
 
   retrieve = neighbours is not None and cfg.has_retrieval
+  if retrieve and not retrieve_for_last_position:
+    neighbours = neighbours[:, :-1]  # [B, L-1, k, r]: those CCA reads.
+    retrieve = neighbours.shape[1] > 0
   if retrieve:
     valid = neighbours != PAD_ID  # [B, L, k, r]
     nb = embed_neighbours(cfg, table, neighbours)  # [B, L, k, r, E]
@@ -264,7 +276,7 @@ class Retro:
   def __init__(self, config: RetroConfig):
     self.config = config
     self._fn = hk.without_apply_rng(
-        hk.transform(lambda t, nb: _forward(config, t, nb)))
+        hk.transform(lambda t, nb, last=True: _forward(config, t, nb, last)))
 
   def init(self, rng: jax.Array, tokens: jax.Array,
            neighbours: Optional[jax.Array] = None) -> hk.Params:
@@ -277,9 +289,14 @@ class Retro:
     return self._fn.init(rng, tokens, neighbours)
 
   def apply(self, params: hk.Params, tokens: jax.Array,
-            neighbours: Optional[jax.Array] = None) -> jax.Array:
+            neighbours: Optional[jax.Array] = None, *,
+            retrieve_for_last_position: bool = True) -> jax.Array:
+    """Logits [B, N, V]. With `retrieve_for_last_position=False` the last
+    chunk's neighbours are not encoded and the last position (the only one
+    they reach) attends to none; losses without a target there pass it."""
     check_inputs(self.config, tokens, neighbours)
-    return self._fn.apply(params, tokens, neighbours)
+    return self._fn.apply(params, tokens, neighbours,
+                          retrieve_for_last_position)
 
   def dummy_inputs(self, batch: int = 1, length: Optional[int] = None):
     """Zero tokens and neighbours of the right shapes, e.g. for `init`."""

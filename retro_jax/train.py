@@ -117,7 +117,10 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array,
 
 def loss_fn(model: Retro, params: hk.Params, batch: Batch):
   """Mean next-token loss and metrics of one batch."""
-  logits = model.apply(params, batch["tokens"], batch.get("neighbours"))
+  # The last position has no target, so the last chunk's neighbours (which
+  # reach only it) are not encoded: the loss and gradients are unchanged.
+  logits = model.apply(params, batch["tokens"], batch.get("neighbours"),
+                       retrieve_for_last_position=False)
   nll, count = cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
   loss = nll / jnp.maximum(count, 1.0)
   return loss, {"loss": loss, "targets": count}
@@ -149,7 +152,8 @@ def _accumulated_grads(model: Retro, trained: hk.Params, frozen: hk.Params,
   """
   def nll_sum(tp, mb):
     params = hk.data_structures.merge(tp, frozen) if frozen else tp
-    logits = model.apply(params, mb["tokens"], mb.get("neighbours"))
+    logits = model.apply(params, mb["tokens"], mb.get("neighbours"),
+                         retrieve_for_last_position=False)
     return cross_entropy(logits, mb["tokens"], mb.get("loss_mask"))
 
   grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
@@ -198,7 +202,8 @@ def train_step(model: Retro, optimizer: optax.GradientTransformation,
 
 def eval_step(model: Retro, params: hk.Params, batch: Batch) -> Dict:
   """Summed NLL (nats) and target count of one batch (unjitted)."""
-  logits = model.apply(params, batch["tokens"], batch.get("neighbours"))
+  logits = model.apply(params, batch["tokens"], batch.get("neighbours"),
+                       retrieve_for_last_position=False)
   nll, count = cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
   return {"nll": nll, "targets": count}
 

@@ -86,6 +86,30 @@ def test_all_padding_neighbours_equal_retrieval_off(setup, tiny):
   assert np.max(np.abs(on - off)) > 1e-3, "retrieval has no effect at all"
 
 
+def test_skipping_last_position_retrieval_equals_padding_last_chunk(
+    setup, tiny):
+  """retrieve_for_last_position=False is the model with the last chunk's
+  neighbours as padding: the same logits everywhere, and those neighbours
+  reached only the last position."""
+  model, params, _, tokens, neighbours = setup
+  skip = jax.jit(lambda p, t, nb: model.apply(
+      p, t, nb, retrieve_for_last_position=False))
+  full = np.asarray(model.apply(params, tokens, neighbours))
+  padded = neighbours.copy()
+  padded[:, -1] = 0
+  want = np.asarray(model.apply(params, tokens, padded))
+  got = np.asarray(skip(params, tokens, neighbours))
+  np.testing.assert_allclose(got, want, **TIGHT)
+  np.testing.assert_allclose(got[:, :-1], full[:, :-1], **TIGHT)
+  assert _pos_diff(got[0, -1], full[0, -1]) > 1e-3, (
+      "the last chunk's neighbours did not reach the last position")
+  # One chunk: no neighbour reaches any position, i.e. retrieval off.
+  one = tokens[:, :tiny.chunk_size]
+  np.testing.assert_allclose(
+      np.asarray(skip(params, one, neighbours[:, :1])),
+      np.asarray(model.apply(params, one, None)), **TIGHT)
+
+
 def test_zero_init_cca_starts_as_the_baseline(tiny):
   """With zero-initialised CCA outputs a fresh RETRO computes its baseline:
   the logits ignore the neighbours, and the first gradient reaches the CCA
