@@ -21,30 +21,58 @@ and the network behaves as if that CCA layer were absent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NEG_INF = -1e30  # Finite: a fully masked row must not produce NaN.
 
 
 # -- building blocks ----------------------------------------------------------
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+@functools.lru_cache(maxsize=64)
+def rope_table(num_positions: int, dim: int,
+               base: float) -> Tuple[np.ndarray, np.ndarray]:
+  """cos and sin [P, K/2] (float32) of the rotary angles of positions
+  0..P-1, computed once on the host in float64.
+
+  Built with numpy so that under jit they are constants: an angle computed in
+  the graph would be fused into every consumer and its cos/sin re-evaluated
+  per element, which XLA:CPU does with scalar code (~9 ns a value).
+  """
+  half = dim // 2
+  freq = base ** (-np.arange(half, dtype=np.float64) / half)  # [K/2]
+  angle = np.arange(num_positions, dtype=np.float64)[:, None] * freq  # [P, K/2]
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def rope(x: jax.Array, positions, base: float,
+         num_positions: Optional[int] = None) -> jax.Array:
   """Rotary position embedding, half-split layout.
 
   Args:
     x: [..., T, K] queries or keys, head-major (heads among the leading dims).
-    positions: [T] integer positions.
+    positions: [T] integer positions: a numpy array (static, the usual case:
+      the table rows become constants) or a traced array (decoding), which
+      then needs `num_positions`, an upper bound on its values.
     base: rotary base frequency.
+    num_positions: table size for traced positions.
   """
   half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
-  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, K/2]
-  cos = jnp.cos(angle).astype(x.dtype)  # [T, K/2]
-  sin = jnp.sin(angle).astype(x.dtype)  # [T, K/2]
+  if isinstance(positions, np.ndarray):
+    cos, sin = rope_table(int(positions.max()) + 1, x.shape[-1], base)
+    cos, sin = cos[positions], sin[positions]  # [T, K/2]
+  else:
+    if num_positions is None:
+      raise ValueError("rope: traced positions need num_positions")
+    table = rope_table(num_positions, x.shape[-1], base)
+    cos, sin = (jnp.take(t, positions, axis=0) for t in table)  # [T, K/2]
+  cos = jnp.asarray(cos, x.dtype)  # [T, K/2]
+  sin = jnp.asarray(sin, x.dtype)  # [T, K/2]
   x1, x2 = x[..., :half], x[..., half:]  # [..., T, K/2]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -214,7 +242,7 @@ class SelfAttention(hk.Module):
     w_qkv = param("w_qkv", [d, 3, h, kd], d, x.dtype)  # [D, 3, H, K]
     w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
     qkv = heads_first(dense(x, w_qkv), groups=3)  # [3, B, H, T, K]
-    pos = jnp.arange(x.shape[1])
+    pos = np.arange(x.shape[1])
     q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)  # [B, H, T, K]
     k = rope(qkv[1], pos, self.rope_base)  # [B, H, T, K]
     v = qkv[2]  # [B, H, T, K]
@@ -241,8 +269,9 @@ class SelfAttention(hk.Module):
     w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
     qkv = heads_first(dense(x, w_qkv), groups=3)  # [3, B, H, 1, K]
     at = jnp.reshape(pos, (1,))
-    q = rope(qkv[0], at, self.rope_base) * (kd ** -0.5)  # [B, H, 1, K]
-    k = rope(qkv[1], at, self.rope_base)  # [B, H, 1, K]
+    cap = k_cache.shape[2]
+    q = rope(qkv[0], at, self.rope_base, cap) * (kd ** -0.5)  # [B, H, 1, K]
+    k = rope(qkv[1], at, self.rope_base, cap)  # [B, H, 1, K]
     start = (0, 0, pos, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
                                            start)  # [B, H, T, K]
@@ -301,10 +330,10 @@ class ChunkedCrossAttention(hk.Module):
     shifted = jnp.pad(shifted, ((0, 0), (0, span - shifted.shape[1]), (0, 0)))
     shifted = shifted.reshape(b, l, m, d)  # [B, L, m, D]
     q = heads_first(dense(shifted, w_q))  # [B, L, H, m, K]
-    q = rope(q, jnp.arange(m), self.rope_base) * (kd ** -0.5)
+    q = rope(q, np.arange(m), self.rope_base) * (kd ** -0.5)
     mem = encoded.reshape(b, l, nk * r, e)  # [B, L, kr, E]
     kv = heads_first(dense(mem, w_kv), groups=2)  # [2, B, L, H, kr, K]
-    key_pos = jnp.tile(jnp.arange(r), nk)  # [kr]
+    key_pos = np.tile(np.arange(r), nk)  # [kr]
     keys = rope(kv[0], key_pos, self.rope_base)  # [B, L, H, kr, K]
     valid = neighbour_valid.reshape(b, l, nk * r)  # [B, L, kr]
     out = attend(q, keys, kv[1], key_valid=valid)  # [B, L, H, m, K]
@@ -327,7 +356,7 @@ class ChunkedCrossAttention(hk.Module):
     w_kv = param("w_kv", [e, 2, h, kd], e, encoded.dtype)  # [E, 2, H, K]
     mem = encoded.reshape(b, nk * r, e)  # [B, kr, E]
     kv = heads_first(dense(mem, w_kv), groups=2)  # [2, B, H, kr, K]
-    keys = rope(kv[0], jnp.tile(jnp.arange(r), nk), self.rope_base)
+    keys = rope(kv[0], np.tile(np.arange(r), nk), self.rope_base)
     return keys, kv[1], neighbour_valid.reshape(b, nk * r)
 
   def decode(self, x: jax.Array, pos: jax.Array, keys: jax.Array,
@@ -351,7 +380,7 @@ class ChunkedCrossAttention(hk.Module):
     w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
     q = heads_first(dense(x, w_q))  # [B, H, 1, K]
     offset = jnp.reshape((pos + 1) % m, (1,))
-    q = rope(q, offset, self.rope_base) * (kd ** -0.5)  # [B, H, 1, K]
+    q = rope(q, offset, self.rope_base, m) * (kd ** -0.5)  # [B, H, 1, K]
     valid = valid & (pos >= m - 1)  # [B, kr]
     out = attend(q, keys, values, key_valid=valid)  # [B, H, 1, K]
     return dense(heads_last(out), w_o, 2)  # [B, 1, D]

@@ -1,0 +1,71 @@
+"""Building blocks of retro_jax.attention: RoPE, causal blocks, matmul VJP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retro_jax import attention
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 64)), jnp.float32)  # [1, K]
+  k = jnp.asarray(rng.normal(size=(1, 64)), jnp.float32)  # [1, K]
+
+  def score(i, j):
+    qi = attention.rope(q, np.array([i]), 10000.0)
+    kj = attention.rope(k, np.array([j]), 10000.0)
+    return float(jnp.sum(qi * kj))
+
+  assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4, abs=1e-4)
+  assert score(0, 0) == pytest.approx(float(jnp.sum(q * k)), rel=1e-5)
+  assert score(7, 3) != pytest.approx(score(3, 7), rel=1e-3)
+  # A rotation: norms are kept.
+  rotated = attention.rope(q, np.array([250]), 10000.0)
+  assert float(jnp.linalg.norm(rotated)) == pytest.approx(
+      float(jnp.linalg.norm(q)), rel=1e-5)
+
+
+def test_rope_traced_positions_equal_static_ones():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 32))  # [B, H, T, K]
+  pos = np.array([0, 4, 9, 63, 17])
+  static = attention.rope(x, pos, 500.0)
+  traced = jax.jit(lambda x, p: attention.rope(x, p, 500.0, 64))(
+      x, jnp.asarray(pos))
+  # Same table rows; only FMA contraction under jit differs.
+  np.testing.assert_allclose(static, traced, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_positions"):
+    jax.jit(lambda p: attention.rope(x, p, 500.0))(jnp.asarray(pos))
+
+
+def test_rope_angles_are_constants_not_per_element_cosines():
+  """The angles' cos/sin must not be computed inside the compiled graph:
+  fused into their consumers they are re-evaluated for every element."""
+  x = jnp.ones((2, 4, 128, 64))  # [B, H, T, K]
+  hlo = jax.jit(lambda x: attention.rope(x, np.arange(128), 1e4)).lower(
+      x).compile().as_text()
+  assert "cosine(" not in hlo and "sine(" not in hlo
+
+
+def test_causal_attend_blocks_equal_one_masked_product():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 256, 16)), jnp.float32)
+             for _ in range(3))  # [B, H, T, K]
+  mask = np.tril(np.ones((256, 256), bool))
+  full = attention.attend(q, k, v, bias=jnp.where(mask, 0.0, -1e30))
+  for block in (64, 128, 100):  # 100 does not divide T: one block.
+    np.testing.assert_allclose(attention.causal_attend(q, k, v, block), full,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [((48, 8), (8, 24)), ((8, 48), (48, 4))])
+def test_matmul_gradients_equal_plain_dot(shape):
+  xs, ws = shape
+  x = jax.random.normal(jax.random.key(2), xs)
+  w = jax.random.normal(jax.random.key(3), ws)
+  g = jax.random.normal(jax.random.key(4), (xs[0], ws[1]))
+  ours = jax.vjp(attention.matmul, x, w)[1](g)
+  plain = jax.vjp(jnp.matmul, x, w)[1](g)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
