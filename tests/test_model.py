@@ -15,6 +15,7 @@ import pytest
 import retro_jax
 from retro_jax import count_params, Retro, RetroConfig
 from retro_jax.config import PAPER_TABLE2_M
+from retro_jax.model import gelu
 from conftest import random_neighbours, random_tokens
 
 N = 256            # 4 chunks of m = 64.
@@ -358,3 +359,13 @@ def test_out_of_vocabulary_ids_raise(setup, tiny):
   bad_nb[0, 0, 0, 0] = -1
   with pytest.raises(ValueError, match="neighbours hold ids"):
     model.apply(params, tokens, bad_nb)
+
+
+def test_gelu_value_and_gradient_equal_jax_nn_gelu():
+  x = jnp.linspace(-8.0, 8.0, 4001)  # [n]
+  g = jax.random.normal(jax.random.key(0), x.shape)  # [n]
+  ours, ours_vjp = jax.vjp(gelu, x)
+  ref, ref_vjp = jax.vjp(jax.nn.gelu, x)
+  np.testing.assert_array_equal(ours, ref)
+  np.testing.assert_allclose(ours_vjp(g)[0], ref_vjp(g)[0], rtol=1e-5,
+                             atol=1e-5)
