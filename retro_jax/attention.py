@@ -77,6 +77,43 @@ def rope(x: jax.Array, positions, base: float,
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+@jax.custom_vjp
+def _softmax_attend(q: jax.Array, k: jax.Array, v: jax.Array,
+                    bias: jax.Array) -> jax.Array:
+  """softmax(q k^T + bias) v over the last two dims ([..., T, K] queries,
+  [..., S, K] keys/values, bias broadcastable to [..., T, S])."""
+  return _softmax_attend_fwd(q, k, v, bias)[0]
+
+
+def _softmax_attend_fwd(q, k, v, bias):
+  logits = jnp.einsum("...tk,...sk->...ts", q, k,
+                      preferred_element_type=jnp.float32) + bias  # [.., T, S]
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., T, S]
+  out = jnp.einsum("...ts,...sk->...tk", weights, v)  # [..., T, K]
+  return out, (q, k, v, bias, weights, out)
+
+
+def _softmax_attend_bwd(res, g):
+  """The textbook softmax-attention gradient: it keeps only the weights,
+  where autodiff of softmax keeps exp(.) and a [..., T, S] broadcast of the
+  reciprocal row sums and reads both back."""
+  q, k, v, bias, weights, out = res
+  g = g.astype(v.dtype)  # [..., T, K]
+  d_weights = jnp.einsum("...tk,...sk->...ts", g, v,
+                         preferred_element_type=jnp.float32)  # [..., T, S]
+  dv = jnp.einsum("...ts,...tk->...sk", weights, g)  # [..., S, K]
+  # sum_s w_ts dw_ts = sum_k g_tk out_tk: a [T, K] product, not a [T, S] one.
+  row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+                keepdims=True)  # [..., T, 1]
+  d_logits = (weights * (d_weights - row)).astype(q.dtype)  # [..., T, S]
+  dq = jnp.einsum("...ts,...sk->...tk", d_logits, k)  # [..., T, K]
+  dk = jnp.einsum("...ts,...tk->...sk", d_logits, q)  # [..., S, K]
+  return dq, dk, dv, jnp.zeros_like(bias)
+
+
+_softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array,
            bias: Optional[jax.Array] = None,
            key_valid: Optional[jax.Array] = None) -> jax.Array:
@@ -85,20 +122,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   Args:
     q: [..., H, T, K] queries (already scaled by 1/sqrt(K)).
     k, v: [..., H, S, K] keys and values.
-    bias: optional additive bias broadcastable to [..., H, T, S].
+    bias: optional additive bias broadcastable to [..., H, T, S]; it is
+      treated as a constant (no gradient flows into it).
     key_valid: optional bool [..., S]; queries with no valid key output 0.
 
   Returns:
     [..., H, T, K] attention output in q's dtype.
   """
-  logits = jnp.einsum("...tk,...sk->...ts", q, k,
-                      preferred_element_type=jnp.float32)  # [..., H, T, S]
-  if bias is not None:
-    logits = logits + bias
+  total = jnp.zeros((), jnp.float32) if bias is None else bias
   if key_valid is not None:
-    logits = jnp.where(key_valid[..., None, None, :], logits, _NEG_INF)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
-  out = jnp.einsum("...ts,...sk->...tk", weights, v)  # [..., H, T, K]
+    # Adding -1e30 to a logit gives exactly -1e30 in float32, as a select
+    # would, and a fully masked row stays finite (its output is zeroed below).
+    total = total + jnp.where(key_valid, 0.0, _NEG_INF)[..., None, None, :]
+  out = _softmax_attend(q, k, v,
+                        jax.lax.stop_gradient(total.astype(jnp.float32)))
   if key_valid is not None:
     any_valid = jnp.any(key_valid, axis=-1)  # [...]
     out = out * any_valid[..., None, None, None].astype(out.dtype)

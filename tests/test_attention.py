@@ -69,3 +69,27 @@ def test_matmul_gradients_equal_plain_dot(shape):
   plain = jax.vjp(jnp.matmul, x, w)[1](g)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _reference_attend(q, k, v, bias, key_valid):
+  logits = jnp.einsum("...tk,...sk->...ts", q, k) + bias
+  logits = jnp.where(key_valid[..., None, None, :], logits, -1e30)
+  out = jnp.einsum("...ts,...sk->...tk", jax.nn.softmax(logits), v)
+  return out * jnp.any(key_valid, -1)[..., None, None, None]
+
+
+def test_attend_gradients_equal_autodiff_of_plain_softmax():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((3, 2, 6, 8), (3, 2, 10, 8), (3, 2, 10, 8)))
+  bias = jnp.asarray(rng.normal(size=(6, 10)), jnp.float32)  # [T, S]
+  key_valid = jnp.asarray(rng.random((3, 10)) < 0.6).at[1].set(False)
+  g = jnp.asarray(rng.normal(size=(3, 2, 6, 8)), jnp.float32)
+  ours, ours_vjp = jax.vjp(
+      lambda q, k, v: attention.attend(q, k, v, bias, key_valid), q, k, v)
+  ref, ref_vjp = jax.vjp(
+      lambda q, k, v: _reference_attend(q, k, v, bias, key_valid), q, k, v)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(ours[1]))  # Row 1 has no valid key.
+  for a, b in zip(ours_vjp(g), ref_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
