@@ -47,7 +47,10 @@ def rope_table(num_positions: int, dim: int,
   half = dim // 2
   freq = base ** (-np.arange(half, dtype=np.float64) / half)  # [K/2]
   angle = np.arange(num_positions, dtype=np.float64)[:, None] * freq  # [P, K/2]
-  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+  tables = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+  for t in tables:
+    t.flags.writeable = False  # Cached and shared: no caller may edit them.
+  return tables
 
 
 def rope(x: jax.Array, positions, base: float,

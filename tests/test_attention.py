@@ -1,4 +1,5 @@
-"""Building blocks of retro_jax.attention: RoPE, causal blocks, matmul VJP."""
+"""Building blocks of retro_jax.attention: RoPE, causal blocks, the matmul
+and softmax-attention VJPs."""
 
 import jax
 import jax.numpy as jnp
