@@ -24,6 +24,8 @@ a single arena would only serialise the input pipeline's threads.
 import ctypes
 import ctypes.util
 import glob
+import os
+import platform
 import sys
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -32,6 +34,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+# glibc >= 2.35: malloc madvises its heap for transparent huge pages.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _backend_started() -> bool:
@@ -69,3 +75,53 @@ def keep_freed_memory() -> bool:
   mallopt.restype = ctypes.c_int
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def _glibc_at_least(major: int, minor: int) -> bool:
+  lib, version = platform.libc_ver()
+  if lib != "glibc":
+    return False
+  try:
+    have = tuple(int(part) for part in version.split(".")[:2])
+  except ValueError:
+    return False
+  return have >= (major, minor)
+
+
+def _thp_on_request() -> bool:
+  """The kernel grants transparent huge pages to madvised memory."""
+  try:
+    with open(_THP_ENABLED) as f:
+      mode = f.read()
+  except OSError:
+    return False
+  return "[madvise]" in mode or "[always]" in mode
+
+
+def reexec_with_hugepage_heap() -> bool:
+  """Restarts this process with glibc's heap on transparent huge pages.
+
+  Even with `keep_freed_memory`, the heap still grows now and then: a small
+  allocation lands in the hole a step's freed temporaries left, and the next
+  step's ~900 MB block has to go above it. Each such growth page-faults
+  ~225,000 fresh 4 kB pages (about a second of kernel time on the `bench`
+  step, on a random step of a run). With `glibc.malloc.hugetlb=1` malloc
+  madvises its heap for 2 MB pages: the same growth takes ~450 faults.
+
+  The tunable is read when the C library starts, so this sets
+  GLIBC_TUNABLES and exec()s the same command line again. Call it first
+  thing in an entry script, before any thread or file is opened. It returns
+  False (and does nothing) when the tunable is already set, on an
+  accelerator host, without glibc >= 2.35, or without kernel THP support;
+  it does not return otherwise.
+  """
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if ("glibc.malloc.hugetlb" in tunables or accelerator_present() or
+      not _glibc_at_least(2, 35) or not _thp_on_request()):
+    return False
+  os.environ["GLIBC_TUNABLES"] = ":".join(
+      t for t in (tunables, HUGEPAGE_TUNABLE) if t)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+  return True  # Not reached.

@@ -14,6 +14,13 @@ its figures and the speed ratio.
 import os
 import sys
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from retro_jax import host_memory
+
+# Restarts the process once with glibc's heap on huge pages (a no-op where
+# unsupported); before anything else, since exec() discards this process.
+host_memory.reexec_with_hugepage_heap()
+
 
 def _pin_threads_before_jax():
   """XLA sizes its thread pool when jax is imported, before flags are parsed,
@@ -36,9 +43,6 @@ def _pin_threads_before_jax():
 
 
 _THREADS = _pin_threads_before_jax()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from retro_jax import host_memory
 
 _KEPT_FREED_MEMORY = host_memory.keep_freed_memory()  # Before XLA starts.
 
@@ -125,6 +129,17 @@ class OurStep:
     return times
 
 
+def _peer_env() -> dict:
+  """This process's environment without what it set for itself: XLA flags
+  and the huge-page heap tunable. The peer runs with the defaults."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
+              if t and t != host_memory.HUGEPAGE_TUNABLE]
+  if tunables:
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  return env
+
+
 def run_peer(folder: str, threads: int, steps: int) -> dict:
   """Times the peer in its own environment; returns its JSON line."""
   setup = subprocess.run(["bash", os.path.join(folder, "setup.sh")],
@@ -135,8 +150,7 @@ def run_peer(folder: str, threads: int, steps: int) -> dict:
   if threads:
     cmd += ["--threads", str(threads)]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items()
-                            if k != "XLA_FLAGS"})
+                       env=_peer_env())
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -175,6 +189,8 @@ def main(argv):
       "mfu": round(model_flops / median / 1e9 / peak, 4),
       "threads": _THREADS or len(os.sched_getaffinity(0)),
       "freed_memory_kept": _KEPT_FREED_MEMORY,
+      "hugepage_heap": host_memory.HUGEPAGE_TUNABLE in os.environ.get(
+          "GLIBC_TUNABLES", ""),
       "losses": [round(x, 4) for x in ours.losses],
   }
   if peer_runs:

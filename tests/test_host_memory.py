@@ -63,3 +63,52 @@ def test_kept_memory_removes_the_page_faults_of_each_execution():
   assert statistics.median(kept["faults"]) < 100, kept
   # Once the backend runs, its threads' arenas are fixed: refused.
   assert kept["late"] is False and plain["late"] is False
+
+
+# Re-executes itself once with the huge-page tunable, then grows the heap
+# (64 MB with the mmap threshold off) and reads the heap's VMA flags: "hg"
+# is the kernel's mark of madvise(MADV_HUGEPAGE).
+_HUGEPAGE_PROBE = r"""
+import json, os, sys
+from retro_jax import host_memory
+again = host_memory.reexec_with_hugepage_heap()
+host_memory.keep_freed_memory()
+block = bytearray(64 << 20)
+flags, in_heap = "", False
+with open("/proc/self/smaps") as f:
+  for line in f:
+    if "-" in line.split()[0] and len(line.split()) >= 5:
+      in_heap = line.rstrip().endswith("[heap]")
+    elif in_heap and line.startswith("VmFlags:"):
+      flags += line
+print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"),
+                  "again": again, "argv": sys.argv[1:],
+                  "heap_hugepage": " hg" in flags}))
+"""
+
+
+@pytest.mark.skipif(host_memory.accelerator_present() or
+                    not host_memory._glibc_at_least(2, 35) or
+                    not host_memory._thp_on_request(),
+                    reason="needs glibc >= 2.35, kernel THP, no accelerator")
+def test_reexec_puts_the_heap_on_huge_pages_once_keeping_argv_and_tunables():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env["PYTHONPATH"] = REPO_ROOT
+  env["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=7"
+  out = subprocess.run([sys.executable, "-c", _HUGEPAGE_PROBE, "a b", "-x"],
+                       env=env, check=True, capture_output=True, text=True,
+                       timeout=120)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1, out.stdout  # The first image printed nothing.
+  result = json.loads(lines[0])
+  assert result["tunables"] == ("glibc.malloc.tcache_count=7:"
+                                + host_memory.HUGEPAGE_TUNABLE)
+  assert result["again"] is False       # Already set: no second exec.
+  assert result["argv"] == ["a b", "-x"]
+  assert result["heap_hugepage"], result
+  # Without the tunable glibc leaves the heap to the kernel's default.
+  env["GLIBC_TUNABLES"] = host_memory.HUGEPAGE_TUNABLE.replace("=1", "=0")
+  out = subprocess.run([sys.executable, "-c", _HUGEPAGE_PROBE], env=env,
+                       check=True, capture_output=True, text=True, timeout=120)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["again"] is False and not result["heap_hugepage"], result
