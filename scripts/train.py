@@ -42,6 +42,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:   # Progress lines go to stdout;
     logging.set_verbosity(logging.WARNING)  # -v 0 shows orbax/clu INFO logs.
   from retro_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_hugepage_heap()  # Once; a no-op where unsupported.
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
