@@ -17,9 +17,11 @@ import sys
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from retro_jax import host_memory
 
-# Restarts the process once with glibc's heap on huge pages (a no-op where
-# unsupported); before anything else, since exec() discards this process.
-host_memory.reexec_with_hugepage_heap()
+# Run as a script, restarts once with glibc's heap on huge pages (a no-op
+# where unsupported); before anything else, since exec() discards this
+# process. Importing the module must not replace the importer's process.
+if __name__ == "__main__":
+  host_memory.reexec_with_hugepage_heap()
 
 
 def _pin_threads_before_jax():
