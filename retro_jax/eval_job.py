@@ -145,11 +145,17 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
                              "leakage_neighbours": against,
                              "seq_len": n, "stride": ec.stride or n,
                              "sets": {}}
+  out_dir = epath.Path(workdir) / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  tag = f"step_{run.step}" + (f"_k{k}" if k != trained_k else "") + (
+      "_" + os.path.basename(os.path.normpath(db_dir)) if db_dir else "")
   curves = {}
   for spec in parse_sets(ec.tasks):
     t0 = time.time()
     groups: Dict[str, Any] = collections.OrderedDict()
+    seq_len = n  # The Task's sequences keep the length they were cached at.
     if spec["name"] == "task":
+      seq_len = int(run.config.train.seq_len)
       groups["task"] = _task_batches(run, ec,
                                      task_neighbours if online else None)
     else:
@@ -172,6 +178,12 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
           leakage_source=ec.leakage_source, token_nll=run.token_nll)
       summary = eval_lib.summarize(scores)
       summary["leakage"] = eval_lib.leakage_table(scores)
+      if retrieval:  # What switching retrieval on saves, with its interval.
+        summary["retrieval_gain"] = eval_lib.paired_gain(
+            scores.nll_off, scores.nll_on, scores.bytes, seq_len // m)
+      # Per-chunk scores, for paired comparisons with other runs.
+      summary["chunk_scores"] = eval_lib.save_chunk_scores(
+          str(out_dir / f"{tag}_{name.replace('/', '_')}_chunks.npz"), scores)
       summary["seconds"] = time.time() - t0
       results["sets"][name] = summary
       curves[name] = summary["leakage"]
@@ -180,11 +192,13 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
           f"retrieval on: loss {on['loss']:.4f} ppl {on['perplexity']:.2f} "
           f"bpb {on['bits_per_byte']:.4f} | off: loss {off['loss']:.4f} "
           f"ppl {off['perplexity']:.2f} bpb {off['bits_per_byte']:.4f}")
+      if retrieval:
+        g = summary["retrieval_gain"]
+        log(f"{name}: retrieval saves {g['bpb_gain']:.4f} bpb "
+            f"({100 * g['relative']:.2f}%), 95% interval over the "
+            f"{g['sequences']} sequences [{g['ci95'][0]:.4f}, "
+            f"{g['ci95'][1]:.4f}]")
       log(eval_lib.format_table(summary["leakage"]))
-  out_dir = epath.Path(workdir) / "eval"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  tag = f"step_{run.step}" + (f"_k{k}" if k != trained_k else "") + (
-      "_" + os.path.basename(os.path.normpath(db_dir)) if db_dir else "")
   results["json"] = str(out_dir / f"{tag}.json")
   results["plot"] = eval_lib.plot_leakage(
       curves, str(out_dir / f"leakage_{tag}.png"),

@@ -95,15 +95,25 @@ def main(argv):
 stage "done"
 "$PY" - "$W" <<'PYEOF'
 import glob, json, os, sys
+from retro_jax import evaluate
 w = sys.argv[1]
-def bpb(run):
+def result(run):
   path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]
-  res = json.load(open(path))["sets"]["task"]
-  return res["retrieval_on"]["bits_per_byte"], res["retrieval_off"]["bits_per_byte"]
-on, off = bpb("retro")
-base, _ = bpb("baseline")
+  return json.load(open(path))["sets"]["task"]
+retro, base = result("retro"), result("baseline")
+on, off = (retro[s]["bits_per_byte"] for s in ("retrieval_on", "retrieval_off"))
 print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
-      f"baseline without CCA {base:.4f}")
+      f"baseline without CCA {base['retrieval_on']['bits_per_byte']:.4f}")
+# Paired over the same held-out chunks; the intervals resample sequences
+# (which text was scored), not training seeds.
+chunks = [evaluate.load_chunk_scores(r["chunk_scores"]) for r in (retro, base)]
+seq_chunks = len(chunks[0].nll_on) // retro["retrieval_gain"]["sequences"]
+for what, g in (("retrieval on vs off", retro["retrieval_gain"]),
+                ("RETRO vs baseline  ", evaluate.paired_gain(
+                    chunks[1].nll_on, chunks[0].nll_on, chunks[0].bytes,
+                    seq_chunks))):
+  print(f"  {what}: {g['bpb_gain']:+.4f} bpb saved ({100 * g['relative']:+.2f}%),"
+        f" 95% interval [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]")
 PYEOF
 cat <<EOF
 TensorBoard logs:  $W/retro, $W/baseline   (tensorboard --logdir $W)

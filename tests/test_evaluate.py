@@ -1,5 +1,5 @@
 """Evaluation: bits per byte by hand, retrieval off == no CCA, leakage table,
-sliding windows. (The evaluate script runs in test_run.py.)"""
+paired gains with bootstrap intervals, sliding windows. (The evaluate script runs in test_run.py.)"""
 
 import math
 
@@ -123,6 +123,45 @@ def test_leakage_table_filters_chunks():
   assert rows[1.0]["bpb_on"] == pytest.approx(
       evaluate.summarize(scores)["retrieval_on"]["bits_per_byte"])
   assert "alpha" in evaluate.format_table(list(rows.values()))
+
+
+def test_paired_gain_is_exact_for_a_uniform_saving_and_brackets_noise():
+  rng = np.random.default_rng(0)
+  nbytes = rng.integers(50, 300, size=40)  # 10 sequences of 4 chunks.
+  base = nbytes * 2.0 * math.log(2)  # 2 bits per byte everywhere.
+  new = base - nbytes * 0.25 * math.log(2)  # Saves 0.25 bits per byte.
+  g = evaluate.paired_gain(base, new, nbytes, 4)
+  assert g["bpb_gain"] == pytest.approx(0.25)
+  assert g["ci95"] == pytest.approx([0.25, 0.25])  # Every resample agrees.
+  assert g["relative"] == pytest.approx(0.125) and g["sequences"] == 10
+  # Worse in half the sequences, better in the other half by the same bits:
+  # no net gain, and the interval straddles zero.
+  swing = np.repeat(np.where(np.arange(10) % 2, 1.0, -1.0), 4) * 30.0
+  g = evaluate.paired_gain(base, base + swing, nbytes, 4)
+  assert g["ci95"][0] < 0 < g["ci95"][1]
+  # Resampling whole sequences: a saving confined to one of ten sequences
+  # gives an interval whose low end is 0 (the resamples without it).
+  one = base.copy()
+  one[:4] -= 100.0
+  g = evaluate.paired_gain(base, one, nbytes, 4)
+  assert g["bpb_gain"] > 0 and g["ci95"][0] == 0.0 < g["ci95"][1]
+  with pytest.raises(ValueError, match="not whole sequences of 3"):
+    evaluate.paired_gain(base, new, nbytes, 3)
+  with pytest.raises(ValueError, match="did not score the same chunks"):
+    evaluate.paired_gain(base, new[:-4], nbytes, 4)
+
+
+def test_chunk_scores_round_trip_through_npz(tmp_path):
+  scores = evaluate.ChunkScores(
+      nll_on=np.array([1.5, 2.5]), nll_off=None,
+      targets=np.array([63, 64]), bytes=np.array([100, 120]),
+      leakage=np.array([0.0, 0.5], np.float32))
+  back = evaluate.load_chunk_scores(
+      evaluate.save_chunk_scores(str(tmp_path / "c.npz"), scores))
+  assert back.nll_off is None
+  for name in ("nll_on", "targets", "bytes", "leakage"):
+    np.testing.assert_array_equal(getattr(back, name), getattr(scores, name))
+    assert getattr(back, name).dtype == getattr(scores, name).dtype
 
 
 def test_plot_writes_a_png(tmp_path):

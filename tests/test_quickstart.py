@@ -25,6 +25,9 @@ ARGS = ["--steps=12", "--data_bytes=300000"]
 BPB_LINE = re.compile(r"held-out bits per byte: RETRO ([\d.]+) \(retrieval off "
                       r"([\d.]+)\), baseline without CCA ([\d.]+)")
 
+PAIRED_LINE = re.compile(r"  (\S.*?\S) *: ([-+][\d.]+) bpb saved \([-+][\d.]+%\), "
+                         r"95% interval \[([-+][\d.]+), ([-+][\d.]+)\]")
+
 
 def _command(workdir):
   # The venv running these tests is the one the script would set up
@@ -89,6 +92,13 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
   on, off, base = map(float, BPB_LINE.search(second).groups())
   assert all(0 < x < 16 and math.isfinite(x) for x in (on, off, base))
   assert on != off          # Retrieval changes what RETRO predicts.
+  # The paired gains: on vs off is the difference of the first two figures.
+  gain = PAIRED_LINE.findall(second)
+  assert [g[0] for g in gain] == ["retrieval on vs off", "RETRO vs baseline"]
+  assert float(gain[0][1]) == pytest.approx(off - on, abs=2e-4)
+  assert float(gain[1][1]) == pytest.approx(base - on, abs=2e-4)
+  for _, saved, low, high in gain:
+    assert float(low) <= float(saved) <= float(high)
   # Sampling shows each chunk with the neighbours it was continued from.
   assert "=== chunk 1 ===" in second and "--- neighbour 0 ---" in second
 

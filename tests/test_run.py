@@ -16,6 +16,7 @@ import retro_jax
 from conftest import REPO_ROOT
 from retro_jax import checkpoints
 from retro_jax import data_source
+from retro_jax import evaluate as evaluate_lib
 from retro_jax import sharding
 from retro_jax import train
 from retro_jax.corpus import sources
@@ -138,6 +139,15 @@ def test_evaluate_and_sample_scripts(workdir, db_dir):
   assert s["leakage"][-1]["bpb_off"] == pytest.approx(
       s["retrieval_off"]["bits_per_byte"])
   assert os.path.exists(res["plot"])
+  # The paired gain is off minus on, and the per-chunk scores behind it
+  # reproduce the summary.
+  gain = s["retrieval_gain"]
+  assert gain["bpb_gain"] == pytest.approx(
+      s["retrieval_off"]["bits_per_byte"] - s["retrieval_on"]["bits_per_byte"])
+  assert gain["ci95"][0] <= gain["bpb_gain"] <= gain["ci95"][1]
+  chunks = evaluate_lib.load_chunk_scores(s["chunk_scores"])
+  assert int(chunks.bytes.sum()) == s["bytes"]
+  assert gain["sequences"] * 2 == len(chunks.nll_on)  # seq_len 128: L = 2.
 
   out = _script("sample.py", f"--workdir={workdir}", f"--db={db_dir}",
                 "--prompt=import os", "--num_tokens=70", "--show_neighbours",
