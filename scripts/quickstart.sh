@@ -95,6 +95,7 @@ def main(argv):
 stage "done"
 "$PY" - "$W" <<'PYEOF'
 import glob, json, os, sys
+import numpy as np
 from retro_jax import evaluate
 w = sys.argv[1]
 def result(run):
@@ -107,6 +108,10 @@ print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
 # Paired over the same held-out chunks; the intervals resample sequences
 # (which text was scored), not training seeds.
 chunks = [evaluate.load_chunk_scores(r["chunk_scores"]) for r in (retro, base)]
+if not all(np.array_equal(getattr(chunks[0], f), getattr(chunks[1], f))
+           for f in ("targets", "bytes")):
+  sys.exit(f"{w}: RETRO and the baseline were evaluated on different chunks "
+           f"({retro['chunk_scores']}, {base['chunk_scores']}): no pairing")
 seq_chunks = len(chunks[0].nll_on) // retro["retrieval_gain"]["sequences"]
 for what, g in (("retrieval on vs off", retro["retrieval_gain"]),
                 ("RETRO vs baseline  ", evaluate.paired_gain(
