@@ -16,6 +16,15 @@ from typing import Any, Mapping, Optional, Tuple
 
 DTYPES = ("float32", "bfloat16")
 
+# Token ids every part of retro_jax agrees on (T5 / seqio convention): the
+# SentencePiece vocabularies are trained with them, the DB pads chunks with
+# PAD_ID, the model masks neighbour tokens equal to PAD_ID, and the loss
+# ignores it. BOS_ID = -1: no beginning-of-sequence piece.
+PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1
+# m, tokens per retrieval chunk: the paper's, the DB's on-disk chunk width and
+# RetroConfig.chunk_size's default.
+CHUNK_SIZE = 64
+
 
 def paper_cca_layers(num_layers: int) -> Tuple[int, ...]:
   """CCA layers of the paper's Table 10: from layer 6 (12-layer models) or
@@ -35,7 +44,7 @@ class RetroConfig:
   head_dim: int = 64                 # Width of one head.
   d_ff: int = 3584                   # Decoder feed-forward width (4 * d_model).
   cca_layers: Tuple[int, ...] = (6, 9, 12)  # 1-indexed decoder layers with CCA.
-  chunk_size: int = 64               # m: tokens per retrieval chunk.
+  chunk_size: int = CHUNK_SIZE       # m: tokens per retrieval chunk.
   num_neighbours: int = 2            # k: neighbours per chunk.
   neighbour_len: int = 128           # r: neighbour chunk + its continuation.
   enc_d_model: int = 896             # Neighbour encoder width.

@@ -15,7 +15,7 @@ import os
 import sys
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from retro_jax import host_memory
+from retro_jax.core import host_memory
 
 # Run as a script, restarts once with glibc's heap on huge pages (a no-op
 # where unsupported); before anything else, since exec() discards this
@@ -60,10 +60,10 @@ import jax
 import numpy as np
 
 import retro_jax
-from retro_jax import flops
-from retro_jax import progress
-from retro_jax import sharding
-from retro_jax import train
+from retro_jax.model import flops
+from retro_jax.training import metrics as progress
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
                                           "Benchmark config file.")

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import retro_jax
-from retro_jax import evaluate
-from retro_jax import sampling
+from retro_jax.evaluation import scores as evaluate
+from retro_jax.inference import sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
                                           "Benchmark config (bench preset).")

@@ -24,8 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from retro_jax import task_cache
-from retro_jax import tasks
+from retro_jax.data import cache_job as task_cache
+from retro_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tasks_stdlib.py", "Task config file.")

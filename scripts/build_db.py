@@ -19,8 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from retro_jax import host_memory
-from retro_jax.retrieval import pipeline
+from retro_jax.core import host_memory
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval.embedder import BertEmbedder
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/db_stdlib.py",

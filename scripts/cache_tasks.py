@@ -3,7 +3,7 @@ r"""Precomputes the neighbours of a RETRO Task's splits (seqio's cache job).
 Every 64-token chunk of every packed sequence is embedded with the frozen
 BERT and its k nearest DB chunks are retrieved (documents of its own sequence
 excluded); the examples are written as a seqio cache that training reads
-with `retro_jax.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
+with `retro_jax.data.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
 nothing touches the network); a rerun over a complete cache does nothing, a
 crashed one is rebuilt.
 
@@ -22,8 +22,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from retro_jax import host_memory
-from retro_jax import tasks
+from retro_jax.core import host_memory
+from retro_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/tasks_stdlib.py", "Task config file.")

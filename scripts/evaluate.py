@@ -30,9 +30,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:    # Results go to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
-  from retro_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
-  from retro_jax import eval_job  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
   try:
     eval_job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,
                           _DB.value)

@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from retro_jax import tasks
+from retro_jax.data import tasks
 from retro_jax.corpus import vocab
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -15,7 +15,7 @@ import importlib.util
 from absl import app
 from absl import flags
 
-from retro_jax import memory_plan
+from retro_jax.training import memory_plan
 from retro_jax.config import RetroConfig
 
 _CONFIG = flags.DEFINE_string("config", "configs/retro.py", "Config file "

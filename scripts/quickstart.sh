@@ -96,7 +96,7 @@ stage "done"
 "$PY" - "$W" <<'PYEOF'
 import glob, json, os, sys
 import numpy as np
-from retro_jax import evaluate
+from retro_jax.evaluation import scores as evaluate
 w = sys.argv[1]
 def result(run):
   path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]

@@ -37,7 +37,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:    # Results go to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
-  from retro_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   import retro_jax  # pylint: disable=g-import-not-at-top
   try:

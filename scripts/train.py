@@ -41,14 +41,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:   # Progress lines go to stdout;
     logging.set_verbosity(logging.WARNING)  # -v 0 shows orbax/clu INFO logs.
-  from retro_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_hugepage_heap()  # Once; a no-op where unsupported.
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
                                     and on_tpu_vm()):
     jax.distributed.initialize()
-  from retro_jax import trainer  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import loop as trainer  # pylint: disable=g-import-not-at-top
   try:
     summary = trainer.train(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 import retro_jax
-from retro_jax import sharding, train
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 
 
 @pytest.mark.slow

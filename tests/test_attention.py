@@ -1,4 +1,4 @@
-"""Building blocks of retro_jax.attention: RoPE, causal blocks, the matmul
+"""Building blocks of retro_jax.model.attention: RoPE, causal blocks, the matmul
 and softmax-attention VJPs."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax import attention
+from retro_jax.model import attention
 
 
 def test_rope_scores_depend_only_on_relative_position():

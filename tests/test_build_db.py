@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from retro_jax.retrieval import db as dblib
-from retro_jax.retrieval import pipeline
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval.embedder import BertEmbedder
 
 MAX_BYTES = 40_000

@@ -1,4 +1,4 @@
-"""retro_jax.checkpoints on real orbax: a state saved on one mesh restores
+"""retro_jax.training.checkpoints on real orbax: a state saved on one mesh restores
 onto others bit for bit, keep-last-K, the run config, params-only restore."""
 
 import os
@@ -9,7 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from retro_jax import Retro, RetroConfig, checkpoints, sharding, train
+from retro_jax import Retro, RetroConfig
+from retro_jax.training import checkpoints
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 
 CFG = RetroConfig.preset("tiny", vocab_size=256, num_layers=2,
                          cca_layers=(2,), enc_num_layers=1)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import pytest
 
-from retro_jax import Retro, RetroConfig, sharding
+from retro_jax import Retro, RetroConfig
+from retro_jax.core import sharding
 from conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))

@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from retro_jax import eval_data
-from retro_jax import evaluate
+from retro_jax.evaluation import inputs as eval_data
+from retro_jax.evaluation import scores as evaluate
 from retro_jax.config import RetroConfig
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
-from retro_jax.model import Retro
+from retro_jax.model.network import Retro
 
 TEXTS = ["naïve café — ünïcödé ✓ 日本語 テキスト\n\tdef f(x):  return x ** 2\n",
          "plain ascii text with  double  spaces and a trailing space ",

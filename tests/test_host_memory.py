@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from retro_jax import host_memory
+from retro_jax.core import host_memory
 
 # The gradient of four chained [4096, 1024] layers: its saved activations
 # and temporaries (~150 MB per call) are far above glibc's mmap threshold. Run
@@ -19,7 +19,7 @@ from retro_jax import host_memory
 # the allocation order varies between threads), so the median is compared.
 _PROBE = r"""
 import json, resource, sys
-from retro_jax import host_memory
+from retro_jax.core import host_memory
 kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
 def f(x, w):
@@ -70,7 +70,7 @@ def test_kept_memory_removes_the_page_faults_of_each_execution():
 # is the kernel's mark of madvise(MADV_HUGEPAGE).
 _HUGEPAGE_PROBE = r"""
 import json, os, sys
-from retro_jax import host_memory
+from retro_jax.core import host_memory
 again = host_memory.reexec_with_hugepage_heap()
 host_memory.keep_freed_memory()
 block = bytearray(64 << 20)

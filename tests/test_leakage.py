@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from retro_jax import leakage
+from retro_jax.evaluation import leakage
 
 
 def brute_lcs(a, b, pad=0):

@@ -1,4 +1,4 @@
-"""retro_jax.memory_plan: exact state bytes per device (against the real
+"""retro_jax.training.memory_plan: exact state bytes per device (against the real
 shardings on 8 simulated devices), activation estimate behaviour, slices,
 and the script's table."""
 
@@ -10,7 +10,10 @@ import sys
 import jax
 import pytest
 
-from retro_jax import Retro, RetroConfig, memory_plan, sharding, train
+from retro_jax import Retro, RetroConfig
+from retro_jax.training import memory_plan
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 from conftest import REPO_ROOT
 
 

@@ -14,14 +14,14 @@ import pytest
 
 import retro_jax
 from conftest import REPO_ROOT
-from retro_jax import checkpoints
-from retro_jax import data_source
-from retro_jax import evaluate as evaluate_lib
-from retro_jax import sharding
-from retro_jax import train
+from retro_jax.training import checkpoints
+from retro_jax.data import train_sources as data_source
+from retro_jax.evaluation import scores as evaluate_lib
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
-from retro_jax.retrieval import pipeline
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval.embedder import BertEmbedder
 
 STEPS = 20

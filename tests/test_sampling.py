@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax import sampling
+from retro_jax.inference import sampling
 from retro_jax.config import RetroConfig
-from retro_jax.decoding import Decoder
-from retro_jax.model import Retro
-from retro_jax.retrieval import pipeline
+from retro_jax.model.decoding import Decoder
+from retro_jax.model.network import Retro
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
 

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from retro_jax import Retro, RetroConfig, sharding, train
+from retro_jax import Retro, RetroConfig
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 from conftest import random_neighbours, random_tokens
 
 MESH_222 = {"data": 2, "fsdp": 2, "model": 2}

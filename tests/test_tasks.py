@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import seqio
 
-from retro_jax import tasks
-from retro_jax import task_batches
-from retro_jax import task_cache
+from retro_jax.data import tasks
+from retro_jax.data import batches as task_batches
+from retro_jax.data import cache_job as task_cache
 from retro_jax.corpus import packing
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
-from retro_jax.retrieval import pipeline
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
 

@@ -1,4 +1,4 @@
-"""retro_jax.train against direct computations: the loss, the optimizer,
+"""retro_jax.training.step against direct computations: the loss, the optimizer,
 RETROfit parameter subsets and gradient accumulation."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from retro_jax import Retro, RetroConfig, train
+from retro_jax import Retro, RetroConfig
+from retro_jax.training import step as train
 
 
 def test_cross_entropy_equals_direct_sum():

@@ -47,7 +47,7 @@ def _steps_saved(workdir):
 def _final_params(workdir):
   # Imported here: the test process has 8 simulated devices, which
   # restore_params does not need (it places params on one device).
-  from retro_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   _, params, step = checkpoints.restore_params(str(workdir))
   return step, {f"{m}/{n}": np.asarray(v) for m, leaves in params.items()
                 for n, v in leaves.items()}

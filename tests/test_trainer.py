@@ -1,4 +1,4 @@
-"""The training loop (retro_jax.trainer) in-process on 8 simulated devices:
+"""The training loop (retro_jax.training.loop) in-process on 8 simulated devices:
 loss falls, sharded == one device, NaN stops with a good checkpoint kept,
 SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input fails
 before any compute."""
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from retro_jax import Retro, RetroConfig
-from retro_jax import checkpoints, data_source, train, trainer
+from retro_jax.training import checkpoints
+from retro_jax.data import train_sources as data_source
+from retro_jax.training import step as train
+from retro_jax.training import loop as trainer
 from conftest import REPO_ROOT
 
 # Tests below compile the same programs more than once: cache them.

@@ -8,7 +8,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1  # T5 / seqio convention.
+from retro_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 def train(texts: Iterable[str], model_path: str, vocab_size: int,

@@ -34,12 +34,11 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import tqdm
 
+from retro_jax.config import CHUNK_SIZE, PAD_ID
 from retro_jax.corpus import vocab
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db_format as fmt
 
-CHUNK_SIZE = 64
-PAD_ID = 0
 EMBEDDING_DTYPES = ("float32", "float16")
 _DOC_BATCH = 256  # Documents per SentencePiece call (it tokenizes in threads).
 

@@ -28,7 +28,7 @@ import numpy as np
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import db_format
-from retro_jax.retrieval import pipeline
+from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval.neighbours import Retriever
 
 _RESOURCES: Dict[Tuple[str, str, int], Tuple[Retriever, Any]] = {}

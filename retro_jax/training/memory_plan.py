@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
-from retro_jax import sharding
-from retro_jax import train
+from retro_jax.core import sharding
+from retro_jax.training import step as train
 from retro_jax.config import RetroConfig
-from retro_jax.flops import causal_score_pairs
-from retro_jax.model import Retro
+from retro_jax.model.flops import causal_score_pairs
+from retro_jax.model.network import Retro
 
 GIB = 2 ** 30
 # Slice name prefix -> (TensorCores per JAX device in the name's count,

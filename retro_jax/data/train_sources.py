@@ -19,7 +19,7 @@ Sources (`config.data.source`):
              uniform tokens, so nothing but retrieval beats chance, and the
              first neighbour of chunk u holds chunks u and u + 1 (the text
              the tokens from u*m + m - 1 on predict), the second is noise.
-  task       the seqio Task of `retro_jax.tasks` (real corpus, precomputed
+  task       the seqio Task of `retro_jax.data.tasks` (real corpus, precomputed
              neighbours), registered from the `config.data` fields and read
              with `tasks.batches(..., start_step=step)`.
 
@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from retro_jax import sharding
+from retro_jax.core import sharding
 from retro_jax.config import RetroConfig
 
 Batch = Dict[str, np.ndarray]
@@ -114,7 +114,7 @@ def task_source(config: ml_collections.ConfigDict, *,
                 shard: Tuple[int, int]) -> DataSource:
   """`start_step -> iterator` over the seqio Task named by `config.data`;
   `shard` is this host's (index, count) from `sharding.host_batch_shard`."""
-  from retro_jax import tasks  # pylint: disable=g-import-not-at-top
+  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
   d, tc = config.data, config.train
   for field in ("task_name", "corpus", "db_dir", "cache_dir"):
     if not d.get(field):

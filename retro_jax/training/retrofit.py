@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from retro_jax.config import RetroConfig
-from retro_jax.train import is_retrieval_module
+from retro_jax.training.step import is_retrieval_module
 
 # Model fields a baseline may differ in (no parameter depends on them).
 FREE_FIELDS = ("cca_layers", "scan_layers", "remat", "compute_dtype",

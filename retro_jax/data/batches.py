@@ -52,8 +52,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from retro_jax import task_cache
-from retro_jax.feature_converter import RetroFeatureConverter
+from retro_jax.data import cache_job as task_cache
+from retro_jax.data.feature_converter import RetroFeatureConverter
 
 _READ_BLOCK = 256  # Examples per tf.data -> numpy transfer.
 _SHARD_SIZES: Dict[tuple, int] = {}

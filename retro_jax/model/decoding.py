@@ -35,9 +35,9 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from retro_jax import attention
-from retro_jax import model as model_lib
-from retro_jax.config import RetroConfig, dtype_of
+from retro_jax.model import attention
+from retro_jax.model import network as model_lib
+from retro_jax.config import PAD_ID, RetroConfig, dtype_of
 
 State = Dict[str, Any]
 
@@ -53,7 +53,7 @@ def _decode(cfg: RetroConfig, tokens: jax.Array, state: State,
   table = embed.embeddings.astype(dtype)  # [V, D]
   x = table[tokens][:, None, :]  # [B, 1, D]
   if neighbours is not None:
-    nb_valid = neighbours != model_lib.PAD_ID  # [B, k, r]
+    nb_valid = neighbours != PAD_ID  # [B, k, r]
     nb = model_lib.embed_neighbours(cfg, table, neighbours)  # [B, k, r, E]
 
   def self_attention_block(x, k_cache, v_cache):

@@ -20,7 +20,8 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
-PAD_ID = 0
+from retro_jax.config import PAD_ID
+
 _Spec = seqio.FeatureConverter.FeatureSpec
 
 

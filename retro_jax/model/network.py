@@ -36,11 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax import attention
-from retro_jax import sharding
-from retro_jax.config import RetroConfig, dtype_of
+from retro_jax.model import attention
+from retro_jax.core import sharding
+from retro_jax.config import PAD_ID, RetroConfig, dtype_of
 
-PAD_ID = 0
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax import leakage as leakage_lib
-from retro_jax.model import Retro
+from retro_jax.evaluation import leakage as leakage_lib
+from retro_jax.model.network import Retro
 
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 LN2 = math.log(2.0)

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from retro_jax import checkpoints
-from retro_jax import sharding
-from retro_jax.model import Retro
+from retro_jax.training import checkpoints
+from retro_jax.core import sharding
+from retro_jax.model.network import Retro
 
 Batch = Dict[str, jax.Array]
 
@@ -302,7 +302,7 @@ def init_sharded_state(model: Retro, optimizer, state_sharding,
 
 def restore_params(workdir: str, step: Optional[int] = None, mesh=None):
   """`checkpoints.restore_params` with the params placed by the parameter
-  rules of `retro_jax.sharding` on `mesh` (default: one local device).
+  rules of `retro_jax.core.sharding` on `mesh` (default: one local device).
   Returns (run config, params, step)."""
   shardings = None
   if mesh is not None:

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax.decoding import Decoder
-from retro_jax.model import Retro
+from retro_jax.model.decoding import Decoder
+from retro_jax.model.network import Retro
 
 RetrieveFn = Callable[[np.ndarray], np.ndarray]  # [B, m] -> int32 [B, k, r]
 

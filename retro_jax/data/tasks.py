@@ -32,17 +32,16 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from retro_jax.config import CHUNK_SIZE, EOS_ID
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import db_format
 from retro_jax.retrieval import sequence_neighbours
-from retro_jax import task_cache
-from retro_jax.task_batches import batches  # pylint: disable=unused-import
-from retro_jax.task_cache import cache_task  # pylint: disable=unused-import
+from retro_jax.data import cache_job as task_cache
+from retro_jax.data.batches import batches  # pylint: disable=unused-import
+from retro_jax.data.cache_job import cache_task  # pylint: disable=unused-import
 
-CHUNK_SIZE = 64
-EOS_ID = vocab.EOS_ID
 SHUFFLE_BUFFER_SIZE = 10_000
 # Bumped when the cached examples change meaning (tokenization, packing,
 # neighbour values): caches of another version are refused and rebuilt.

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD_ID = 0
+from retro_jax.config import PAD_ID
+
 SOURCES = ("previous", "same")
 
 

@@ -36,9 +36,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from etils import epath
 import ml_collections
 
-from retro_jax import eval_data
-from retro_jax import evaluate as eval_lib
-from retro_jax import run as run_lib
+from retro_jax.evaluation import inputs as eval_data
+from retro_jax.evaluation import scores as eval_lib
+from retro_jax.inference import run as run_lib
 from retro_jax.corpus import sources
 
 
@@ -90,7 +90,7 @@ def _task_batches(run: run_lib.Run, ec,
                   ) -> Iterator[dict]:
   """The run's Task split, with its cached neighbours, or those
   `neighbours` (re)places (see `eval_data.with_neighbours`)."""
-  from retro_jax import tasks  # pylint: disable=g-import-not-at-top
+  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
   d = run.config.data
   for field in ("task_name", "corpus", "db_dir"):
     if not d.get(field):

@@ -30,15 +30,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from retro_jax import checkpoints
-from retro_jax import data_source
-from retro_jax import flops
-from retro_jax import progress
-from retro_jax import retrofit
-from retro_jax import sharding
-from retro_jax import train as train_lib
+from retro_jax.training import checkpoints
+from retro_jax.data import train_sources as data_source
+from retro_jax.model import flops
+from retro_jax.training import metrics as progress
+from retro_jax.training import retrofit
+from retro_jax.core import sharding
+from retro_jax.training import step as train_lib
 from retro_jax.config import RetroConfig
-from retro_jax.model import Retro
+from retro_jax.model.network import Retro
 
 # Fields every training config must have, by section (see configs/tiny.py).
 REQUIRED = {

@@ -27,13 +27,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from retro_jax import eval_data
-from retro_jax import evaluate as eval_lib
-from retro_jax import sampling
-from retro_jax import train
+from retro_jax.evaluation import inputs as eval_data
+from retro_jax.evaluation import scores as eval_lib
+from retro_jax.inference import sampling
+from retro_jax.training import step as train
 from retro_jax.config import RetroConfig
 from retro_jax.corpus import vocab
-from retro_jax.model import Retro
+from retro_jax.model.network import Retro
 from retro_jax.retrieval import db_format
 from retro_jax.retrieval import sequence_neighbours
 

@@ -19,16 +19,15 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from retro_jax.corpus import vocab
-from retro_jax.evaluate import sliding_windows
+from retro_jax.evaluation.scores import sliding_windows
 from retro_jax.retrieval import sequence_neighbours
 
-EOS_ID = vocab.EOS_ID
 
 
 def sequences_from_documents(docs: Iterable[Tuple[int, np.ndarray]],
                              seq_len: int, stride: Optional[int] = None,
                              chunk_size: int = 64,
-                             eos_id: int = EOS_ID) -> Dict[str, np.ndarray]:
+                             eos_id: int = vocab.EOS_ID) -> Dict[str, np.ndarray]:
   """Concatenates documents (each followed by EOS) into evaluation windows.
 
   Unlike training packing, the last partial window is kept (padded, with

@@ -1,0 +1,1 @@
+"""Foundations every role uses: file I/O (local or gs://), the device mesh and sharding rules, host memory. Imports nothing else of retro_jax."""

@@ -1,0 +1,1 @@
+"""Training: the jitted step, the loop, checkpoints, RETROfit, the memory plan and the metrics."""
