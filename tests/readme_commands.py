@@ -1,5 +1,6 @@
-"""Checks README commands (found by tests/readme_shell.py) against the
-scripts and config files they name (tests/test_readme.py). For each one:
+"""Checks the commands of README.md and docs/*.md (found by
+tests/readme_shell.py) against the scripts and config files they name
+(tests/test_readme.py). For each one:
 
   * the script exists;
   * python scripts: every `--flag`, `--flag=value`, `--noflag` (and `-v`) is an
@@ -14,10 +15,10 @@ scripts and config files they name (tests/test_readme.py). For each one:
     (scripts/quickstart.sh); scripts/launch_tpu.sh takes NAME ZONE
     ACCELERATOR and then scripts/train.py flags, checked as above.
 
-Also every `configs/`, `scripts/`, `retro_jax/` and `tests/` path the README
-names exists, the README opens with exactly the two commands
-`bash scripts/quickstart.sh` and `bash scripts/run_tests.sh`, and CI (.ci/run)
-runs scripts/run_tests.sh. Values that are placeholders (`...`, `N`, `DIR`,
+Also every `configs/`, `scripts/`, `benchmarks/`, `tools/`, `retro_jax/`,
+`tests/` and `docs/` path these pages name exists, the README opens with
+exactly the two commands `bash scripts/quickstart.sh` and
+`bash scripts/run_tests.sh`, and CI (.ci/run) runs scripts/run_tests.sh. Values that are placeholders (`...`, `N`, `DIR`,
 `gs://BUCKET/x` is a plain string, `<text>`, `$VAR`) are not type-checked.
 """
 
@@ -40,6 +41,14 @@ from conftest import REPO_ROOT
 from readme_shell import PLACEHOLDER
 
 README = os.path.join(REPO_ROOT, "README.md")
+DOCS_DIR = os.path.join(REPO_ROOT, "docs")
+
+
+def doc_files():
+  """Repo-relative paths of the pages whose commands are checked."""
+  docs = sorted(f"docs/{n}" for n in os.listdir(DOCS_DIR) if n.endswith(
+      ".md")) if os.path.isdir(DOCS_DIR) else []
+  return ["README.md"] + docs
 # scripts/launch_tpu.sh NAME ZONE ACCELERATOR [train flags]: forwarded flags.
 FORWARDS = {"scripts/launch_tpu.sh": ("scripts/train.py", 3)}
 # absl's special flags, handled by FlagValues itself.

@@ -4,7 +4,8 @@ checks them).
 A command is a `python scripts/X.py ...` (also `python3`, `.venv/bin/python`)
 or `bash scripts/X.sh ...` line of a ```bash block (with `\\` continuations,
 open quotes and `#` comments), or the same in an inline `code` span of the
-prose. `<placeholder>`s count as one word.
+prose; `benchmarks/` and `tools/` scripts count as well as `scripts/`.
+`<placeholder>`s count as one word.
 """
 
 import dataclasses
@@ -14,6 +15,9 @@ import shlex
 _FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
 _SHELL_LANGS = ("bash", "sh", "shell", "console")
 PLACEHOLDER = "__placeholder__"
+# Folders whose files are run as commands.
+SCRIPT_DIRS = ("scripts", "benchmarks", "tools")
+_SCRIPT = re.compile(r"^(\./)?(%s)/" % "|".join(SCRIPT_DIRS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ def logical_lines(lines, first_line):
 
 
 def _script_command(line, text, words, direct):
-  """A Command if `words` runs a scripts/ file, else None.
+  """A Command if `words` runs a file of SCRIPT_DIRS, else None.
 
   `direct`: also `scripts/x.sh ...` without an interpreter (in shell blocks;
   in prose a bare `scripts/x.py` is a mention, not a command).
@@ -115,12 +119,12 @@ def _script_command(line, text, words, direct):
       rest = rest[2:] if rest[0] in ("-W", "-X") else rest[1:]
   elif head in ("bash", "sh"):
     kind = "bash"
-  elif direct and re.match(r"^(\./)?scripts/", head):
+  elif direct and _SCRIPT.match(head):
     kind = "python" if head.endswith(".py") else "bash"
     rest = words
   else:
     return None
-  if not rest or not re.match(r"^(\./)?scripts/", rest[0]):
+  if not rest or not _SCRIPT.match(rest[0]):
     return None
   script = re.sub(r"^\./", "", rest[0])
   # Usage notation: `[--db=DIR]` optional, a bare `...` for "and so on".
@@ -136,7 +140,7 @@ def commands_in(lines, first_line, direct=True):
     try:
       segments = command_segments(text)
     except ValueError as e:   # Unclosed quote at the end of the block.
-      if "scripts/" in text:
+      if any(f"{d}/" in text for d in SCRIPT_DIRS):
         found.append(Command(n, text, "unparsed", str(e), ()))
       continue
     for words in segments:

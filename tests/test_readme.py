@@ -1,6 +1,8 @@
-"""Every command in README.md names an existing script, its flags and fields
-(found by tests/readme_shell.py, checked by tests/readme_commands.py), the
-README opens with the two set-up commands, and CI runs the test command."""
+"""Every command in README.md and docs/*.md names an existing script, its
+flags and fields (found by tests/readme_shell.py, checked by
+tests/readme_commands.py), the README opens with the two set-up commands,
+fits on a screen and links every page of docs/, CI runs the test command,
+and every reference to a section of docs/design.md names one that exists."""
 
 import os
 import re
@@ -8,42 +10,57 @@ import re
 import pytest
 
 from conftest import REPO_ROOT
-from readme_commands import README, FORWARDS, check_command
+from readme_commands import README, FORWARDS, check_command, doc_files
 from readme_shell import (fenced_blocks, logical_lines, command_segments,
                           commands_in, readme_commands)
+
+README_MAX_LINES = 200
+DESIGN = "docs/design.md"
+# Folders whose files the pages may name as paths (checked to exist).
+_PATH = re.compile(r"(?<![\w/.-])((?:configs|scripts|benchmarks|tools|"
+                   r"retro_jax|tests|docs)/[\w./-]*[\w/])")
+# "design.md §3", "DESIGN.md §3", "design.md, §3"; "§3-§5" counts its first.
+_DESIGN_REF = re.compile(r"design\.md\W{0,3}§\s*(\d+)", re.I)
 
 
 # -------------------------------------------------------------------- tests
 
 
-def _readme_text():
-  with open(README, encoding="utf-8") as f:
+def _text(page):
+  with open(os.path.join(REPO_ROOT, page), encoding="utf-8") as f:
     return f.read()
 
 
-_COMMANDS = readme_commands(_readme_text())
+def _readme_text():
+  return _text("README.md")
+
+
+_PAGES = doc_files()
+_COMMANDS = [(page, cmd) for page in _PAGES
+             for cmd in readme_commands(_text(page))]
 
 
 def test_readme_has_script_commands():
-  assert _COMMANDS, "no `python scripts/...` or `bash scripts/...` commands"
+  assert any(page == "README.md" for page, _ in _COMMANDS), (
+      "no `python scripts/...` or `bash scripts/...` commands in README.md")
 
 
-@pytest.mark.parametrize("cmd", _COMMANDS, ids=lambda c: f"README:{c.line}")
-def test_readme_command(cmd):
+@pytest.mark.parametrize("page, cmd", _COMMANDS,
+                         ids=[f"{p}:{c.line}" for p, c in _COMMANDS])
+def test_doc_command(page, cmd):
   problems = check_command(cmd)
-  assert not problems, f"README.md:{cmd.line}: {cmd.text}\n  " + "\n  ".join(
+  assert not problems, f"{page}:{cmd.line}: {cmd.text}\n  " + "\n  ".join(
       problems)
 
 
-def test_readme_paths_exist():
+@pytest.mark.parametrize("page", _PAGES)
+def test_doc_paths_exist(page):
   missing = []
-  for n, line in enumerate(_readme_text().splitlines(), 1):
-    for match in re.finditer(
-        r"(?<![\w/.-])((?:configs|scripts|retro_jax|tests)/[\w./-]*[\w/])",
-        line):
+  for n, line in enumerate(_text(page).splitlines(), 1):
+    for match in _PATH.finditer(line):
       path = match.group(1)
       if not os.path.exists(os.path.join(REPO_ROOT, path)):
-        missing.append(f"README.md:{n}: {path} does not exist")
+        missing.append(f"{page}:{n}: {path} does not exist")
   assert not missing, "\n".join(missing)
 
 
@@ -61,6 +78,64 @@ def test_readme_opens_with_quickstart_and_tests():
                        f"README.md:{start}: the first block must be exactly "
                        f"`bash scripts/quickstart.sh` and `bash "
                        f"scripts/run_tests.sh`; it has {found}")
+
+
+def test_readme_fits_on_a_screen_and_links_the_docs():
+  text = _readme_text()
+  lines = text.count("\n")
+  assert lines <= README_MAX_LINES, (
+      f"README.md has {lines} lines, at most {README_MAX_LINES}: move detail "
+      f"into docs/")
+  assert 'bash scripts/run_tests.sh -m "not slow"' in text, (
+      "README.md names the fast test tier")
+  unlinked = [page for page in _PAGES[1:] if f"({page})" not in text]
+  assert not unlinked, f"README.md links no [..]({unlinked[0]})"
+
+
+def _design_sections():
+  return {int(m) for m in re.findall(r"^## (\d+)\. ", _text(DESIGN), re.M)}
+
+
+def test_design_sections_are_numbered_in_order():
+  numbers = [int(m) for m in re.findall(r"^## (\d+)\. ", _text(DESIGN), re.M)]
+  assert numbers == list(range(1, len(numbers) + 1)), numbers
+
+
+def _design_references():
+  """(file:line, section, text) of every design.md section reference."""
+  found = []
+  roots = ("retro_jax", "scripts", "benchmarks", "tools", "configs", "tests")
+  files = [os.path.join(REPO_ROOT, p) for p in _PAGES]
+  for root in roots:
+    for folder, _, names in os.walk(os.path.join(REPO_ROOT, root)):
+      files += [os.path.join(folder, n) for n in sorted(names)
+                if n.endswith((".py", ".sh", ".md"))]
+  for path in files:
+    if os.path.samefile(path, __file__):
+      continue
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        for m in _DESIGN_REF.finditer(line):
+          found.append((f"{os.path.relpath(path, REPO_ROOT)}:{n}",
+                        int(m.group(1)), m.group(0)))
+  return found
+
+
+def test_design_references_point_at_existing_sections():
+  sections = _design_sections()
+  wrong = [f"{where}: {text}: {DESIGN} has no section {number} (it has "
+           f"{sorted(sections)})"
+           for where, number, text in _design_references()
+           if number not in sections]
+  assert not wrong, "\n".join(wrong)
+
+
+def test_design_references_name_the_file():
+  """The design is docs/design.md: references spell its name as it is."""
+  wrong = [f"{where}: {text}: write {DESIGN} §..."
+           for where, _, text in _design_references()
+           if not text.startswith("design.md")]
+  assert not wrong, "\n".join(wrong)
 
 
 def test_ci_runs_the_readme_test_command():
