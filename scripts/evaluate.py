@@ -2,11 +2,13 @@ r"""Evaluates a run's checkpoint: loss, perplexity, bits/token, bits/byte per
 eval set, retrieval on and off, and leakage-filtered bits/byte (table + PNG).
 
   python scripts/evaluate.py --workdir=runs/tiny \
-      --config.eval.tasks="stdlib=python_stdlib" [--step=N] [--db=DIR] \
+      --config=configs/eval.py:task,stdlib [--step=N] [--db=DIR] \
       [--config.eval.num_neighbours=10]
 
-See configs/eval.py for every field and retro_jax/eval_job.py for the sets.
-Results: <workdir>/eval/step_<N>.json and leakage_step_<N>.png.
+See configs/eval.py for every field and the set groups the config argument
+picks (task, stdlib, pile, arxiv), retro_jax/evaluation/sets.py for what a
+set is. Results: <workdir>/eval/step_<N>.json, leakage_step_<N>.png and
+step_<N>_<set>_chunks.npz.
 """
 
 import sys
@@ -32,9 +34,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
   from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
-  from retro_jax.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation import job  # pylint: disable=g-import-not-at-top
   try:
-    eval_job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,
+    job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,
                           _DB.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

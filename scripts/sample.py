@@ -5,7 +5,8 @@ r"""Generates text from a run's checkpoint, retrieving at every chunk.
       [--db=DIR --k=4] [--no_retrieval] [--show_neighbours] [--no_cache]
 
 KV-cached decoding; the neighbours of chunk u are retrieved when its last
-token is known and condition every later token (see retro_jax/sampling.py).
+token is known and condition every later token (see
+retro_jax/inference/sampling.py).
 """
 
 import sys

@@ -1,16 +1,25 @@
-"""Evaluation: bits per byte by hand, retrieval off == no CCA, leakage table,
-paired gains with bootstrap intervals, sliding windows. (The evaluate script runs in test_run.py.)"""
+"""Evaluation: bits per byte by hand, retrieval off == no CCA, the leakage
+table and report, paired gains with bootstrap intervals, chunk files, sliding
+windows. (Eval sets are in test_eval_sets.py; the evaluate script runs in
+test_run.py.)"""
 
+import json
 import math
+import os
 
 import haiku as hk
 import jax
 import numpy as np
 import pytest
 
-from retro_jax.evaluation import inputs as eval_data
-from retro_jax.evaluation import scores as evaluate
+from retro_jax.config import EOS_ID
 from retro_jax.config import RetroConfig
+from retro_jax.core import files
+from retro_jax.evaluation import chunk_files
+from retro_jax.evaluation import inputs
+from retro_jax.evaluation import intervals
+from retro_jax.evaluation import report
+from retro_jax.evaluation import scores as evaluate
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
 from retro_jax.model.network import Retro
@@ -116,13 +125,13 @@ def test_leakage_table_filters_chunks():
       nll_off=np.array([2.0, 2.0, 4.0, 8.0]) * math.log(2),
       targets=np.array([63, 64, 64, 64]), bytes=np.array([10, 10, 20, 40]),
       leakage=np.array([0.0, 0.2, 0.5, 1.0], np.float32))
-  rows = {r["alpha"]: r for r in evaluate.leakage_table(scores)}
+  rows = {r["alpha"]: r for r in report.leakage_table(scores)}
   assert rows[0.0]["chunks"] == 1 and rows[0.0]["bpb_on"] == pytest.approx(0.1)
   assert rows[0.25]["bpb_on"] == pytest.approx(3 / 20)
   assert rows[0.5]["bpb_off"] == pytest.approx(8 / 40)
   assert rows[1.0]["bpb_on"] == pytest.approx(
       evaluate.summarize(scores)["retrieval_on"]["bits_per_byte"])
-  assert "alpha" in evaluate.format_table(list(rows.values()))
+  assert "alpha" in report.format_table(list(rows.values()))
 
 
 def test_paired_gain_is_exact_for_a_uniform_saving_and_brackets_noise():
@@ -130,25 +139,25 @@ def test_paired_gain_is_exact_for_a_uniform_saving_and_brackets_noise():
   nbytes = rng.integers(50, 300, size=40)  # 10 sequences of 4 chunks.
   base = nbytes * 2.0 * math.log(2)  # 2 bits per byte everywhere.
   new = base - nbytes * 0.25 * math.log(2)  # Saves 0.25 bits per byte.
-  g = evaluate.paired_gain(base, new, nbytes, 4)
+  g = intervals.paired_gain(base, new, nbytes, 4)
   assert g["bpb_gain"] == pytest.approx(0.25)
   assert g["ci95"] == pytest.approx([0.25, 0.25])  # Every resample agrees.
   assert g["relative"] == pytest.approx(0.125) and g["sequences"] == 10
   # Worse in half the sequences, better in the other half by the same bits:
   # no net gain, and the interval straddles zero.
   swing = np.repeat(np.where(np.arange(10) % 2, 1.0, -1.0), 4) * 30.0
-  g = evaluate.paired_gain(base, base + swing, nbytes, 4)
+  g = intervals.paired_gain(base, base + swing, nbytes, 4)
   assert g["ci95"][0] < 0 < g["ci95"][1]
   # Resampling whole sequences: a saving confined to one of ten sequences
   # gives an interval whose low end is 0 (the resamples without it).
   one = base.copy()
   one[:4] -= 100.0
-  g = evaluate.paired_gain(base, one, nbytes, 4)
+  g = intervals.paired_gain(base, one, nbytes, 4)
   assert g["bpb_gain"] > 0 and g["ci95"][0] == 0.0 < g["ci95"][1]
   with pytest.raises(ValueError, match="not whole sequences of 3"):
-    evaluate.paired_gain(base, new, nbytes, 3)
+    intervals.paired_gain(base, new, nbytes, 3)
   with pytest.raises(ValueError, match="did not score the same chunks"):
-    evaluate.paired_gain(base, new[:-4], nbytes, 4)
+    intervals.paired_gain(base, new[:-4], nbytes, 4)
 
 
 def test_chunk_scores_round_trip_through_npz(tmp_path):
@@ -156,18 +165,28 @@ def test_chunk_scores_round_trip_through_npz(tmp_path):
       nll_on=np.array([1.5, 2.5]), nll_off=None,
       targets=np.array([63, 64]), bytes=np.array([100, 120]),
       leakage=np.array([0.0, 0.5], np.float32))
-  back = evaluate.load_chunk_scores(
-      evaluate.save_chunk_scores(str(tmp_path / "c.npz"), scores))
+  path = str(tmp_path / "eval" / "c.npz")  # The folder is created.
+  back = chunk_files.load_chunk_scores(
+      chunk_files.save_chunk_scores(path, scores))
   assert back.nll_off is None
   for name in ("nll_on", "targets", "bytes", "leakage"):
     np.testing.assert_array_equal(getattr(back, name), getattr(scores, name))
     assert getattr(back, name).dtype == getattr(scores, name).dtype
+  assert os.listdir(tmp_path / "eval") == ["c.npz"]  # No temporary left.
+  # The format is a plain np.savez of the fields: files written before
+  # (and by other tools) load alike.
+  np.savez(str(tmp_path / "old.npz"), nll_on=scores.nll_on,
+           nll_off=scores.nll_on * 2, targets=scores.targets,
+           bytes=scores.bytes)
+  old = chunk_files.load_chunk_scores(str(tmp_path / "old.npz"))
+  np.testing.assert_array_equal(old.nll_off, scores.nll_on * 2)
+  assert old.leakage is None
 
 
 def test_plot_writes_a_png(tmp_path):
   rows = [{"alpha": a, "bpb_on": 1 + a, "bpb_off": 2.0, "chunks": 1,
-           "chunk_fraction": 1.0} for a in evaluate.ALPHAS]
-  path = evaluate.plot_leakage({"valid": rows}, str(tmp_path / "l.png"))
+           "chunk_fraction": 1.0} for a in report.ALPHAS]
+  path = report.plot_leakage({"valid": rows}, str(tmp_path / "l.png"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -175,7 +194,7 @@ def test_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize("stride", [64, 128, 256])
 def test_sliding_windows_score_every_target_once(stride):
   stream = np.arange(1, 700)
-  windows, mask, starts = evaluate.sliding_windows(stream, 256, stride)
+  windows, mask, starts = inputs.sliding_windows(stream, 256, stride)
   scored = []
   for w, s in enumerate(starts):
     for j in np.flatnonzero(mask[w]):
@@ -187,16 +206,16 @@ def test_sliding_windows_score_every_target_once(stride):
     want -= set(starts[1:].tolist())
   assert sorted(scored) == sorted(want)
   with pytest.raises(ValueError, match="multiples"):
-    evaluate.sliding_windows(stream, 256, 100)
+    inputs.sliding_windows(stream, 256, 100)
 
 
 def test_online_batches_without_a_retriever_pad_the_neighbours():
   """A model without retrieval: no retriever, all-padding neighbours of the
   requested k, every window once, each document followed by EOS."""
   docs = [(7, np.arange(3, 200)), (8, np.arange(3, 90))]
-  seqs = eval_data.sequences_from_documents(docs, 128, None, 64)
-  assert (seqs["tokens"].reshape(-1)[[197, 197 + 88]] == vocab.EOS_ID).all()
-  rows = list(eval_data.online_batches(seqs, None, None, k=5, batch_size=2,
+  seqs = inputs.sequences_from_documents(docs, 128, None, 64)
+  assert (seqs["tokens"].reshape(-1)[[197, 197 + 88]] == EOS_ID).all()
+  rows = list(inputs.online_batches(seqs, None, None, k=5, batch_size=2,
                                        chunk_size=64, neighbour_len=128))
   assert [len(r["tokens"]) for r in rows] == [2, 1]
   np.testing.assert_array_equal(
@@ -204,3 +223,45 @@ def test_online_batches_without_a_retriever_pad_the_neighbours():
   for r in rows:
     assert r["neighbours"].shape == (len(r["tokens"]), 2, 5, 128)
     assert r["neighbours"].dtype == np.int32 and not r["neighbours"].any()
+
+
+def test_report_lines_and_results_json(tmp_path):
+  scores = evaluate.ChunkScores(
+      nll_on=np.array([1.0, 3.0]) * math.log(2),
+      nll_off=np.array([2.0, 4.0]) * math.log(2),
+      targets=np.array([63, 64]), bytes=np.array([10, 10]),
+      leakage=np.array([0.0, 1.0], np.float32))
+  summary = evaluate.summarize(scores)
+  summary["leakage"] = report.leakage_table(scores)
+  summary["retrieval_gain"] = intervals.paired_gain(
+      scores.nll_off, scores.nll_on, scores.bytes, 2)
+  text = report.format_summary("stdlib", summary)
+  assert text.startswith("stdlib: 127 tokens, 20 bytes | retrieval on: ")
+  assert "bpb 0.2000 | off: " in text and "bpb 0.3000" in text
+  assert "retrieval saves 0.1000 bpb (33.33%)" in text
+  assert text.splitlines()[2].split() == ["alpha", "chunks", "frac", "bpb",
+                                          "on", "bpb", "off"]
+  # A model scored without retrieval off and gain: those lines are left out.
+  del summary["retrieval_off"], summary["retrieval_gain"]
+  assert "off:" not in report.format_summary("x", summary).splitlines()[0]
+  path = report.write_results(str(tmp_path / "eval" / "step_1.json"),
+                              {"sets": {"stdlib": summary}})
+  assert files.read_json(path)["sets"]["stdlib"]["bytes"] == 20
+  with open(path) as f:
+    assert json.load(f)["sets"]["stdlib"]["leakage"][0]["alpha"] == 0.0
+
+
+def test_document_batches_tokenize_window_and_pad(sp):
+  texts = [(3, "def f(x):\n  return x\n" * 40), (4, "import os\n" * 30)]
+  rows = list(inputs.document_batches(texts, sp, 128, 64, None, k=2,
+                                      batch_size=3, chunk_size=64,
+                                      neighbour_len=128))
+  tokens = np.concatenate([r["tokens"] for r in rows])
+  ids = np.concatenate([r["doc_ids"] for r in rows])
+  assert tokens.shape[1] == 128 and len(rows[0]["tokens"]) == 3
+  assert set(np.unique(ids)) <= {-1, 3, 4}
+  # Windows step by 64: the second starts where the first's half ends.
+  np.testing.assert_array_equal(tokens[1, :64], tokens[0, 64:])
+  assert rows[0]["neighbours"].shape == (3, 2, 2, 128)
+  scored = sum(int(r["loss_mask"].sum()) for r in rows)
+  assert scored == len(sp.encode(texts[0][1])) + len(sp.encode(texts[1][1])) + 2

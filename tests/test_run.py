@@ -14,15 +14,15 @@ import pytest
 
 import retro_jax
 from conftest import REPO_ROOT
-from retro_jax.training import checkpoints
-from retro_jax.data import train_sources as data_source
-from retro_jax.evaluation import scores as evaluate_lib
 from retro_jax.core import sharding
-from retro_jax.training import step as train
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.data import train_sources
+from retro_jax.evaluation import chunk_files
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval.embedder import BertEmbedder
+from retro_jax.training import checkpoints
+from retro_jax.training import step as train_step
 
 STEPS = 20
 
@@ -55,8 +55,8 @@ def db_dir(workdir):
   docs = sources.python_stdlib("train", max_bytes=400_000)
   vocab.train([d.text for d in docs], os.path.join(workdir, "spm.model"),
               2048)
-  pipeline.build_database(
-      path, lambda: pipeline.documents("python_stdlib", 30_000),
+  build_job.build_database(
+      path, lambda: build_job.documents("python_stdlib", 30_000),
       os.path.join(workdir, "spm.model"), BertEmbedder.load(),
       vocab_size=2048, spm_train_bytes=300_000, shard_chunks=100,
       log=lambda _: None)
@@ -64,8 +64,8 @@ def db_dir(workdir):
 
 
 def _loss(cfg, params):
-  batch = data_source.synthetic_batch(cfg, 8, 128, seed=0, step=10_000)
-  return float(train.loss_fn(retro_jax.Retro(cfg), params, batch)[0])
+  batch = train_sources.synthetic_batch(cfg, 8, 128, seed=0, step=10_000)
+  return float(train_step.loss_fn(retro_jax.Retro(cfg), params, batch)[0])
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_research_api_session(workdir, db_dir):
 @pytest.mark.slow
 def test_evaluate_and_sample_scripts(workdir, db_dir):
   out = _script("evaluate.py", f"--workdir={workdir}", f"--db={db_dir}",
-                "--config.eval.tasks=stdlib=python_stdlib",
+                "--config=configs/eval.py:stdlib",
                 "--config.eval.max_bytes=15000", "--config.eval.seq_len=128",
                 "--config.eval.num_neighbours=3", "--config.eval.stride=64")
   assert "stdlib:" in out and "bpb on" in out
@@ -145,7 +145,7 @@ def test_evaluate_and_sample_scripts(workdir, db_dir):
   assert gain["bpb_gain"] == pytest.approx(
       s["retrieval_off"]["bits_per_byte"] - s["retrieval_on"]["bits_per_byte"])
   assert gain["ci95"][0] <= gain["bpb_gain"] <= gain["ci95"][1]
-  chunks = evaluate_lib.load_chunk_scores(s["chunk_scores"])
+  chunks = chunk_files.load_chunk_scores(s["chunk_scores"])
   assert int(chunks.bytes.sum()) == s["bytes"]
   assert gain["sequences"] * 2 == len(chunks.nll_on)  # seq_len 128: L = 2.
 

@@ -1,4 +1,4 @@
-"""Evaluation inputs retrieved online: documents -> sequences -> neighbours.
+"""Evaluation inputs retrieved online: documents -> windows -> neighbours.
 
 The seqio Tasks (tasks.py) cache neighbours from the DB and k a run trained
 with. Evaluation may instead use another DB (the paper's Table 4 swaps
@@ -9,7 +9,7 @@ retrieval (no CCA layer), with all-padding neighbours and no retriever at
 all.
 
 Shape glossary: S sequences, n tokens each, L = n // m chunks, k neighbours,
-r tokens per neighbour.
+r tokens per neighbour, W windows, T tokens of a stream.
 """
 
 from __future__ import annotations
@@ -18,16 +18,50 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
-from retro_jax.corpus import vocab
-from retro_jax.evaluation.scores import sliding_windows
+from retro_jax.config import CHUNK_SIZE
+from retro_jax.config import EOS_ID
 from retro_jax.retrieval import sequence_neighbours
 
+
+def sliding_windows(tokens: np.ndarray, seq_len: int, stride: int,
+                    chunk_size: int = CHUNK_SIZE):
+  """Windows of a token stream for strided evaluation.
+
+  Window w covers tokens [w*stride, w*stride + seq_len); each target is
+  scored once, in the first window where it has the most context: the first
+  window scores all its targets, later ones only their last `stride`
+  tokens. The last window is padded (loss_mask 0).
+
+  Args:
+    tokens: int [T] one stream (e.g. a document, or packed documents).
+    seq_len: n, a multiple of chunk_size.
+    stride: a multiple of chunk_size in (0, n] (n = no overlap).
+  Returns:
+    (windows int32 [W, n], loss_mask int32 [W, n], starts int64 [W]).
+  """
+  if seq_len % chunk_size or stride % chunk_size or not 0 < stride <= seq_len:
+    raise ValueError(f"seq_len {seq_len} and stride {stride} must be "
+                     f"multiples of the chunk size {chunk_size}, 0 < stride "
+                     f"<= seq_len")
+  tokens = np.asarray(tokens, np.int32)
+  t = len(tokens)
+  starts = [0]
+  while starts[-1] + seq_len < t:
+    starts.append(starts[-1] + stride)
+  windows = np.zeros((len(starts), seq_len), np.int32)
+  mask = np.zeros((len(starts), seq_len), np.int32)
+  for w, s in enumerate(starts):
+    piece = tokens[s:s + seq_len]
+    windows[w, :len(piece)] = piece
+    first = 0 if w == 0 else seq_len - stride
+    mask[w, first:len(piece)] = 1
+  return windows, mask, np.asarray(starts, np.int64)
 
 
 def sequences_from_documents(docs: Iterable[Tuple[int, np.ndarray]],
                              seq_len: int, stride: Optional[int] = None,
-                             chunk_size: int = 64,
-                             eos_id: int = vocab.EOS_ID) -> Dict[str, np.ndarray]:
+                             chunk_size: int = CHUNK_SIZE,
+                             eos_id: int = EOS_ID) -> Dict[str, np.ndarray]:
   """Concatenates documents (each followed by EOS) into evaluation windows.
 
   Unlike training packing, the last partial window is kept (padded, with
@@ -60,7 +94,7 @@ def sequences_from_documents(docs: Iterable[Tuple[int, np.ndarray]],
 
 
 def with_neighbours(batches: Iterable[Dict[str, np.ndarray]], retriever, sp,
-                    k: int, chunk_size: int = 64,
+                    k: int, chunk_size: int = CHUNK_SIZE,
                     neighbour_len: Optional[int] = None
                     ) -> Iterator[Dict[str, np.ndarray]]:
   """`batches` with their neighbours (re)placed by k retrieved now.
@@ -90,7 +124,7 @@ def with_neighbours(batches: Iterable[Dict[str, np.ndarray]], retriever, sp,
 
 
 def online_batches(sequences: Dict[str, np.ndarray], retriever, sp, k: int,
-                   batch_size: int, chunk_size: int = 64,
+                   batch_size: int, chunk_size: int = CHUNK_SIZE,
                    neighbour_len: Optional[int] = None
                    ) -> Iterator[Dict[str, np.ndarray]]:
   """Batches of `sequences` with k neighbours per chunk retrieved now.
@@ -113,3 +147,27 @@ def online_batches(sequences: Dict[str, np.ndarray], retriever, sp, k: int,
              for lo in range(0, total, batch_size))
   return with_neighbours(batches, retriever, sp, k, chunk_size,
                          neighbour_len)
+
+
+def document_batches(texts: Iterable[Tuple[int, str]], sp, seq_len: int,
+                     stride: Optional[int], retriever, k: int,
+                     batch_size: int, chunk_size: int = CHUNK_SIZE,
+                     neighbour_len: Optional[int] = None
+                     ) -> Iterator[Dict[str, np.ndarray]]:
+  """Texts tokenized, windowed and retrieved for now: the batches of an
+  evaluation of documents (`sequences_from_documents`, then
+  `online_batches`).
+
+  Args:
+    texts: (doc_id, text) pairs; a doc id also keeps a sequence from
+      retrieving its own document.
+    sp: the SentencePiece processor (the DB's vocabulary).
+    seq_len, stride: n and the window step (None: n).
+    retriever, k, batch_size, chunk_size, neighbour_len: as for
+      `online_batches`.
+  """
+  seqs = sequences_from_documents(
+      [(doc_id, sp.encode(text)) for doc_id, text in texts], seq_len, stride,
+      chunk_size)
+  return online_batches(seqs, retriever, sp, k, batch_size, chunk_size,
+                        neighbour_len)

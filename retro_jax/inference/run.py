@@ -19,23 +19,18 @@ neighbour, m chunk size.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import haiku as hk
 import jax
-import ml_collections
 import numpy as np
 
-from retro_jax.evaluation import inputs as eval_data
-from retro_jax.evaluation import scores as eval_lib
+from retro_jax.config import EOS_ID
+from retro_jax.config import PAD_ID
+from retro_jax.evaluation import inputs
+from retro_jax.evaluation import loaded_run
+from retro_jax.evaluation import report
+from retro_jax.evaluation import scores
 from retro_jax.inference import sampling
-from retro_jax.training import step as train
-from retro_jax.config import RetroConfig
-from retro_jax.corpus import vocab
-from retro_jax.model.network import Retro
-from retro_jax.retrieval import db_format
-from retro_jax.retrieval import sequence_neighbours
 
 
 @dataclasses.dataclass
@@ -50,72 +45,16 @@ class Sample:
   seconds: float
 
 
-def spm_path_of(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The run's SentencePiece model: the one training read (data.spm_path,
-  else <data.db_dir>/spm.model, as `sequence_neighbours.default_spm_path`),
-  else workdir/spm.model ("" if none exists)."""
-  data = config.get("data", ml_collections.ConfigDict())
-  for path in (sequence_neighbours.default_spm_path(
-      data.get("spm_path", ""), data.get("db_dir", "") or ""),
-               os.path.join(workdir, db_format.SPM_MODEL)):
-    if path and os.path.exists(path):
-      return path
-  return ""
+class Run(loaded_run.LoadedRun):
+  """A checkpoint with everything needed to study it: what scoring needs
+  (`LoadedRun`: .config, .model_config, .model, .params, .step, .tokenizer,
+  .db, .searcher, .retriever) and generation, retrieval and evaluation."""
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._samplers: Dict[int, sampling.Sampler] = {}  # By k.
 
-class Run:
-  """A checkpoint with everything needed to study it."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
-               params: hk.Params, step: int, spm_path: str = "",
-               db_dir: str = "", embedder=None):
-    self.workdir = workdir
-    self.config = config
-    self.model_config = RetroConfig.from_dict(config.model)
-    self.model = Retro(self.model_config)
-    self.params = params
-    self.step = step
-    self.spm_path = spm_path
-    self.tokenizer = vocab.load(spm_path) if spm_path else None
-    self.db_dir = db_dir
-    self._embedder = embedder
-    self._db = self._searcher = self._retriever = None
-    self._samplers: Dict[int, sampling.Sampler] = {}
-    # The compiled per-token NLL (evaluate.make_token_nll), shared by every
-    # evaluation of this run (eval_job too).
-    self.token_nll = eval_lib.make_token_nll(self.model)
-
-  # -- retrieval ----------------------------------------------------------------
-  def _open_db(self):
-    if self._retriever is None:
-      if not self.db_dir:
-        raise ValueError(f"run {self.workdir} has no retrieval DB "
-                         f"(config.data.db_dir is empty): pass db_dir= to "
-                         f"retro_jax.load")
-      if not self.spm_path:
-        raise ValueError(f"run {self.workdir} has no SentencePiece model")
-      self._retriever, _ = sequence_neighbours.load_retriever(
-          self.db_dir, self.spm_path, self._embedder)
-      self._searcher = self._retriever.searcher
-      from retro_jax.retrieval import db as dblib  # pylint: disable=g-import-not-at-top
-      self._db = dblib.RetrievalDB.open(self.db_dir)
-    return self._retriever
-
-  @property
-  def db(self):
-    """The RetrievalDB (opened on first use)."""
-    self._open_db()
-    return self._db
-
-  @property
-  def searcher(self):
-    """The DB's index searcher (loaded on first use)."""
-    return self._open_db().searcher
-
-  @property
-  def retriever(self):
-    return self._open_db()
-
+  # -- retrieval --------------------------------------------------------------
   def retrieve(self, texts: Sequence[str], k: Optional[int] = None
                ) -> np.ndarray:
     """int32 [len(texts), k, r]: the neighbours (chunk + continuation) of
@@ -124,7 +63,7 @@ class Run:
         list(texts), k or self.model_config.num_neighbours)
     return values
 
-  # -- model ----------------------------------------------------------------------
+  # -- model ------------------------------------------------------------------
   def logits(self, tokens: np.ndarray,
              neighbours: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 [B, N, V] for tokens [B, N] (N a multiple of m) and
@@ -133,20 +72,15 @@ class Run:
                                        neighbours))
 
   def encode(self, text: str) -> List[int]:
-    self._need_tokenizer()
+    self.need_tokenizer()
     return list(self.tokenizer.encode(text))
 
   def decode(self, ids) -> str:
-    self._need_tokenizer()
+    self.need_tokenizer()
     return self.tokenizer.decode(
-        [int(i) for i in ids if int(i) not in (vocab.PAD_ID, vocab.EOS_ID)])
+        [int(i) for i in ids if int(i) not in (PAD_ID, EOS_ID)])
 
-  def _need_tokenizer(self):
-    if self.tokenizer is None:
-      raise ValueError(f"run {self.workdir} has no SentencePiece model "
-                       f"(config.data.spm_path); pass spm_path= to load")
-
-  # -- generation -----------------------------------------------------------------
+  # -- generation -------------------------------------------------------------
   def generate(self, prompt: Union[str, Sequence[int]], num_tokens: int = 128,
                *, retrieval: bool = True, k: Optional[int] = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -175,7 +109,7 @@ class Run:
                 for u in range(len(gen.neighbours))],
         seconds=gen.seconds)
 
-  # -- evaluation -----------------------------------------------------------------
+  # -- evaluation -------------------------------------------------------------
   def evaluate(self, data: Union[Sequence[str], Any], *,
                seq_len: Optional[int] = None, stride: Optional[int] = None,
                k: Optional[int] = None, batch_size: int = 4,
@@ -193,27 +127,25 @@ class Run:
       k: neighbours for texts (default: the trained k).
       retrieval: False scores texts with no neighbours at all.
     """
-    self._need_tokenizer()
-    m = self.model_config.chunk_size
+    self.need_tokenizer()
     if isinstance(data, (list, tuple)) and all(isinstance(t, str)
                                                for t in data):
-      n = seq_len or int(self.config.train.seq_len)
-      docs = [(i, self.tokenizer.encode(t)) for i, t in enumerate(data)]
-      seqs = eval_data.sequences_from_documents(docs, n, stride, m)
-      k = k or self.model_config.num_neighbours
       retrieve = retrieval and self.model_config.has_retrieval
-      batches = eval_data.online_batches(
-          seqs, self.retriever if retrieve else None, self.tokenizer, k,
-          batch_size, m, self.model_config.neighbour_len)
+      batches = inputs.document_batches(
+          list(enumerate(data)), self.tokenizer,
+          seq_len or int(self.config.train.seq_len), stride,
+          self.retriever if retrieve else None,
+          k or self.model_config.num_neighbours, batch_size,
+          self.model_config.chunk_size, self.model_config.neighbour_len)
     else:
       batches = data
-    scores = eval_lib.evaluate_batches(
-        self.model, self.params, batches, eval_lib.token_bytes(self.tokenizer),
+    chunk_scores = scores.evaluate_batches(
+        self.model, self.params, batches, scores.token_bytes(self.tokenizer),
         leakage=leakage, max_batches=max_batches, token_nll=self.token_nll)
-    out = eval_lib.summarize(scores)
+    out = scores.summarize(chunk_scores)
     if leakage:
-      out["leakage"] = eval_lib.leakage_table(scores)
-    out["scores"] = scores
+      out["leakage"] = report.leakage_table(chunk_scores)
+    out["scores"] = chunk_scores
     return out
 
 
@@ -233,9 +165,5 @@ def load(workdir: str, step: Optional[int] = None, mesh=None, *,
     A `Run`: .config, .model_config, .model, .params, .step, .tokenizer,
     .db, .searcher, and generate / evaluate / logits / retrieve.
   """
-  config, params, step = train.restore_params(workdir, step, mesh)
-  data = config.get("data", ml_collections.ConfigDict())
-  return Run(workdir, config, params, step,
-             spm_path=spm_path or spm_path_of(config, workdir),
-             db_dir=db_dir if db_dir is not None else data.get("db_dir", ""),
-             embedder=embedder)
+  return Run.load(workdir, step, mesh, db_dir=db_dir, spm_path=spm_path,
+                  embedder=embedder)

@@ -1,0 +1,132 @@
+"""Evaluation sets: what `config.eval.sets` names, and their batches.
+
+Each item of `config.eval.sets` (see configs/eval.py) is one set:
+
+  corpus="task"   the run's own seqio Task (its config.data.task_name), the
+                  `config.eval.split` cached by scripts/cache_tasks.py with
+                  neighbours from the training DB and k;
+  corpus=SPEC     documents of a corpus spec (sources.open_corpus), only
+                  those whose meta matches `meta`, tokenized, windowed and
+                  retrieved for now (`inputs.document_batches`); with
+                  `group_by`, every value of that meta field is also a set
+                  of its own, "<name>/<value>".
+
+Shape glossary: b batch rows, n tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
+
+import ml_collections
+import numpy as np
+
+from retro_jax.corpus import sources
+
+TASK = "task"  # The `corpus` of the run's own cached Task.
+
+Batches = Iterator[Dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """One item of `config.eval.sets`."""
+
+  name: str
+  corpus: str  # TASK or a corpus spec.
+  meta: Mapping[str, str]  # Document meta filter ({} = all).
+  group_by: str  # Meta field reported per value ("" = none).
+
+  @property
+  def is_task(self) -> bool:
+    return self.corpus == TASK
+
+
+def sets_of(eval_config: ml_collections.ConfigDict) -> List[EvalSet]:
+  """The sets of `config.eval`, checked."""
+  out = []
+  for name, spec in eval_config.sets.items():
+    s = EvalSet(name=name, corpus=spec.corpus,
+                meta={k: str(v) for k, v in dict(spec.get("meta", {})).items()},
+                group_by=spec.get("group_by", "") or "")
+    if not s.corpus:
+      raise ValueError(f"config.eval.sets.{name}.corpus is empty")
+    if s.is_task and (s.meta or s.group_by):
+      raise ValueError(f"config.eval.sets.{name}: the run's Task takes no "
+                       f"meta filter or group_by (its examples are cached)")
+    out.append(s)
+  if not out:
+    raise ValueError("config.eval.sets is empty: pick sets with "
+                     "--config=configs/eval.py:task (or stdlib, pile, ...)")
+  return out
+
+
+def documents(eval_set: EvalSet, split: str,
+              max_bytes: int) -> List[sources.Document]:
+  """The documents of a corpus set (about `max_bytes` of text; 0 = all)
+  whose meta matches its filter."""
+  docs = [d for d in sources.open_corpus(eval_set.corpus, split=split,
+                                         max_bytes=max_bytes or None)
+          if all(str(d.meta.get(k)) == v for k, v in eval_set.meta.items())]
+  if not docs:
+    raise ValueError(f"eval set {eval_set.name!r}: corpus "
+                     f"{eval_set.corpus!r} split {split!r} with filter "
+                     f"{dict(eval_set.meta)} has no document")
+  return docs
+
+
+def groups_of(eval_set: EvalSet, docs: List[sources.Document]
+              ) -> Dict[str, List[sources.Document]]:
+  """{reported name: documents}: the whole set, then one group per value of
+  its `group_by` field (in order of first appearance)."""
+  out = collections.OrderedDict({eval_set.name: docs})
+  if eval_set.group_by:
+    for d in docs:
+      key = f"{eval_set.name}/{d.meta.get(eval_set.group_by, '?')}"
+      out.setdefault(key, []).append(d)
+  return out
+
+
+def _register_run_task(run_config: ml_collections.ConfigDict,
+                       num_neighbours: int) -> str:
+  """Registers the Task a run trained on for reading its cache (as training
+  does); returns its name."""
+  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  d = run_config.data
+  for field in ("task_name", "corpus", "db_dir"):
+    if not d.get(field):
+      raise ValueError(f"eval set {TASK!r} needs the run's config.data."
+                       f"{field}")
+  # The run config as `training.run_config.load_run_config` reads it (older
+  # runs' fields upgraded): data.max_bytes {split: bytes}, data.meta.
+  tasks.register_for_reading(
+      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", "") or "",
+      db_dir=d.db_dir, seq_len=int(run_config.train.seq_len),
+      num_neighbours=num_neighbours, max_bytes=dict(d.max_bytes),
+      meta=dict(d.get("meta", {})))
+  return d.task_name
+
+
+def task_batches(run_config: ml_collections.ConfigDict, num_neighbours: int,
+                 eval_config: ml_collections.ConfigDict,
+                 neighbours: Optional[Callable[[Batches], Batches]] = None
+                 ) -> Batches:
+  """One pass over the run's Task split (`eval_config.split`), in file
+  order, with doc_ids [b, n] and the cached neighbours, or those
+  `neighbours` (re)places (`inputs.with_neighbours`).
+
+  Args:
+    run_config: the run's config.json (data.task_name, data.cache_dir, ...).
+    num_neighbours: the k the run trained (and its cache was built) with.
+    eval_config: `config.eval` (split, batch_size, cache_dir).
+    neighbours: batches -> batches with new neighbours; None: cached ones.
+  """
+  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  name = _register_run_task(run_config, num_neighbours)
+  batches = tasks.batches(
+      name, eval_config.split, batch_size=eval_config.batch_size,
+      cache_dir=eval_config.cache_dir or run_config.data.cache_dir,
+      shuffle=False, repeat=False, with_doc_ids=True)
+  return neighbours(batches) if neighbours is not None else batches
