@@ -10,13 +10,12 @@ Model settings (bf16 compute, remat) and the default mesh and batch come
 from the config file for each size (configs/retro.py:<size>).
 """
 
-import importlib.util
-
 from absl import app
 from absl import flags
 
-from retro_jax.training import memory_plan
 from retro_jax.config import RetroConfig
+from retro_jax.training import memory_plan
+from retro_jax.training import run_config
 
 _CONFIG = flags.DEFINE_string("config", "configs/retro.py", "Config file "
                               "with get_config(size).")
@@ -28,13 +27,6 @@ _MESH = flags.DEFINE_string("mesh", "", "Mesh, e.g. data=2,fsdp=-1,model=1; "
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = config's.")
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Sequence length; 0 = config's.")
 _ACCUM = flags.DEFINE_integer("accum_steps", 0, "Micro-batches; 0 = config's.")
-
-
-def load_config(path, size):
-  spec = importlib.util.spec_from_file_location("plan_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(size)
 
 
 def parse_mesh(text):
@@ -49,14 +41,14 @@ def main(argv):
   del argv
   rows = []
   for size in _SIZES.value:
-    config = load_config(_CONFIG.value, size)
+    config = run_config.load_config_file(_CONFIG.value, size)
     cfg = RetroConfig.from_dict(config.model)
     mesh = parse_mesh(_MESH.value) if _MESH.value else dict(config.mesh)
     for name in _SLICES.value:
       row = memory_plan.plan(
           cfg, name, mesh, _BATCH.value or config.train.batch_size,
           _SEQ.value or config.train.seq_len,
-          _ACCUM.value or config.train.get("accum_steps", 1))
+          _ACCUM.value or config.train.accum_steps)
       rows.append({"preset": f"{size} ({cfg.compute_dtype}, "
                              f"remat={cfg.remat})", **row})
   print(memory_plan.format_table(rows))

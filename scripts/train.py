@@ -8,7 +8,8 @@ Rerunning on an existing workdir resumes from its latest checkpoint. SIGTERM
 (preemption) saves a checkpoint and exits 0. On TPU VMs of a multi-host
 slice, jax.distributed is initialised automatically (--distributed=auto);
 every host runs this same command (scripts/launch_tpu.sh does that).
-See retro_jax/trainer.py for the loop and configs/tiny.py for every field.
+See retro_jax/training/loop.py for the loop and configs/base.py for every
+field.
 """
 
 import os
@@ -48,10 +49,10 @@ def main(argv):
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
                                     and on_tpu_vm()):
     jax.distributed.initialize()
-  from retro_jax.training import loop as trainer  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
-    summary = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, trainer.NonFiniteLossError) as e:
+    summary = loop.train(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   if jax.process_index() == 0:

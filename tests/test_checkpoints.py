@@ -1,6 +1,8 @@
-"""retro_jax.training.checkpoints on real orbax: a state saved on one mesh restores
-onto others bit for bit, keep-last-K, the run config, params-only restore."""
+"""retro_jax.training.checkpoints on real orbax: a state saved on one mesh
+restores onto others bit for bit, keep-last-K, the run config (and old run
+configs read in the present form), params-only restore."""
 
+import json
 import os
 
 import jax
@@ -10,9 +12,10 @@ import numpy as np
 import pytest
 
 from retro_jax import Retro, RetroConfig
-from retro_jax.training import checkpoints
 from retro_jax.core import sharding
-from retro_jax.training import step as train
+from retro_jax.training import checkpoints
+from retro_jax.training import run_config
+from retro_jax.training import step as step_lib
 
 CFG = RetroConfig.preset("tiny", vocab_size=256, num_layers=2,
                          cca_layers=(2,), enc_num_layers=1)
@@ -22,9 +25,9 @@ BATCH = {"tokens": jax.ShapeDtypeStruct((8, 128), jnp.int32),
 
 def setup(axes):
   model = Retro(CFG)
-  opt = train.make_optimizer(1e-3, warmup_steps=2, total_steps=10)
+  opt = step_lib.make_optimizer(1e-3, warmup_steps=2, total_steps=10)
   mesh = sharding.make_mesh(axes)
-  abstract, shardings, _ = train.state_shardings(model, opt, mesh, BATCH)
+  abstract, shardings, _ = step_lib.state_shardings(model, opt, mesh, BATCH)
   return model, opt, mesh, abstract, shardings
 
 
@@ -56,7 +59,7 @@ def test_restores_onto_other_meshes(tmp_path):
     restored, position = ckpt.restore(
         checkpoints.abstract_with_shardings(abstract2, sh2))
     assert position == {"step": 5, "source": "synthetic", "seed": 0}
-    assert isinstance(restored, train.TrainState)
+    assert isinstance(restored, step_lib.TrainState)
     for got, want, s in zip(jax.tree_util.tree_leaves(restored),
                             jax.tree_util.tree_leaves(host),
                             jax.tree_util.tree_leaves(sh2)):
@@ -83,9 +86,9 @@ def test_run_config_and_params_only_restore(tmp_path):
   config = ml_collections.ConfigDict(
       {"model": CFG.to_dict(), "data": {"spm_path": "/x/spm.model",
                                         "db_dir": "/x/db"}})
-  path = checkpoints.save_run_config(str(tmp_path), config)
+  path = run_config.save_run_config(str(tmp_path), config)
   assert os.path.basename(path) == "config.json"
-  loaded = checkpoints.load_run_config(str(tmp_path))
+  loaded = run_config.load_run_config(str(tmp_path))
   assert RetroConfig.from_dict(loaded.model) == CFG
   assert loaded.data.db_dir == "/x/db"
 
@@ -106,7 +109,7 @@ def test_run_config_and_params_only_restore(tmp_path):
     assert np.array_equal(np.asarray(got), want)
     assert len(got.sharding.device_set) == 1
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
-  cfg, params, step = train.restore_params(str(tmp_path), step=1, mesh=mesh)
+  cfg, params, step = step_lib.restore_params(str(tmp_path), step=1, mesh=mesh)
   assert step == 1 and RetroConfig.from_dict(cfg.model) == CFG
   big = params["decoder/layer_00/mlp"]["w_in"]
   assert big.sharding.spec == sharding.P("fsdp", "model")
@@ -122,6 +125,44 @@ def test_run_config_and_params_only_restore(tmp_path):
 
 def test_missing_run_config_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json: no run config"):
-    checkpoints.load_run_config(str(tmp_path))
+    run_config.load_run_config(str(tmp_path))
   with pytest.raises(ValueError, match="save_every must be >= 1"):
     checkpoints.Checkpointer(str(tmp_path), save_every=0, keep=1)
+
+
+def test_old_run_config_reads_in_the_present_form(tmp_path):
+  # config.json as runs wrote it before data.max_bytes took a mapping per
+  # split and data.meta a mapping.
+  old = {"model": CFG.to_dict(), "train": {"seq_len": 128},
+         "data": {"source": "task", "max_bytes": 2_000_000,
+                  "split_max_bytes": "validation=200000",
+                  "meta_filter": "pile_set_name=ArXiv, lang=en",
+                  "spm_model": "/x/spm.model", "db_dir": "/x/db"}}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  data = run_config.load_run_config(str(tmp_path)).data
+  assert dict(data.max_bytes) == {"train": 2_000_000, "validation": 200_000}
+  assert dict(data.meta) == {"pile_set_name": "ArXiv", "lang": "en"}
+  assert data.spm_path == "/x/spm.model" and data.db_dir == "/x/db"
+  assert not {"split_max_bytes", "meta_filter", "spm_model"} & set(data)
+
+  old["data"].update(max_bytes=0, split_max_bytes="", meta_filter="")
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  data = run_config.load_run_config(str(tmp_path)).data
+  assert dict(data.max_bytes) == {"train": 0, "validation": 0}
+  assert dict(data.meta) == {}
+
+  old["data"]["split_max_bytes"] = "validation"
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(ValueError, match=r"config\.json: data\.split_max_bytes "
+                     r"item 'validation' is not key=value"):
+    run_config.load_run_config(str(tmp_path))
+
+
+def test_present_run_config_reads_back_unchanged(tmp_path):
+  config = run_config.base_config()
+  config.data.max_bytes.validation = 5
+  config.data.meta = {"pile_set_name": "ArXiv"}
+  run_config.save_run_config(str(tmp_path), config)
+  assert not [f for f in os.listdir(tmp_path) if f != "config.json"]
+  assert run_config.load_run_config(str(tmp_path)).to_dict() == json.loads(
+      config.to_json_best_effort())

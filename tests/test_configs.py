@@ -1,15 +1,15 @@
-"""Every experiment config loads and describes a model that builds; the
-benchmark script's flags parse.
-
-Configs are loaded twice: directly (importlib, `get_config()`), and through
-`ml_collections.config_flags` exactly as the scripts do, with an override.
+"""The experiment configs: every one loads (directly and through
+config_flags; tests/test_train_script.py loads one through scripts/train.py)
+and describes a model that builds; each differs from configs/base.py only
+where it means to; every base field is commented; the training loop requires
+exactly the base fields.
 """
 
+import ast
 import glob
-import importlib.util
+import io
 import os
-import subprocess
-import sys
+import tokenize
 
 from absl import flags
 import jax
@@ -19,79 +19,177 @@ import pytest
 
 from retro_jax import Retro, RetroConfig
 from retro_jax.core import sharding
+from retro_jax.training import loop
+from retro_jax.training import run_config
 from conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+BASE = os.path.join(REPO_ROOT, "configs", "base.py")
 
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location(
-      "config_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-# Experiment configs carry a `model` section; the others (e.g. the DB build)
+# Experiment configs carry a `model` section; the others (e.g. evaluation's)
 # are checked by the tests of the script that reads them.
-MODEL_CONFIGS = [p for p in CONFIGS if "model" in _load(p)]
+MODEL_CONFIGS = [p for p in CONFIGS
+                 if "model" in run_config.load_config_file(p)]
+
+# What each config changes of configs/base.py ("model": any model field).
+# A field changed by accident, or one added beside the base, fails here.
+_SMALL_RUN = {"model", "train.batch_size", "train.seq_len", "train.steps",
+              "train.total_steps", "train.learning_rate",
+              "train.warmup_steps", "train.log_every", "checkpoint.every"}
+INTENDED = {
+    "base.py": set(),
+    "tiny.py": _SMALL_RUN | {"data.task_name", "data.max_bytes.train",
+                             "data.max_bytes.validation"},
+    "quickstart.py": _SMALL_RUN | {
+        "checkpoint.keep", "data.source", "data.task_name", "data.corpus",
+        "data.max_bytes.train", "data.max_bytes.validation", "data.spm_path",
+        "data.db_dir", "data.cache_dir", "db.max_bytes", "db.vocab_size",
+        "db.spm_train_bytes"},
+    "retro.py": {"model", "data.source", "data.task_name", "data.corpus",
+                 "mesh.data", "mesh.fsdp"},
+    "bench.py": _SMALL_RUN - {"checkpoint.every"} | {
+        "train.weight_decay", "train.b2", "train.clip_norm",
+        "checkpoint.keep", "bench.warmup", "bench.steps"},
+}
+
+
+def _leaves(values, prefix=""):
+  """{"section.field[.key]": value} of a config as plain data; the model
+  section is one leaf."""
+  out = {}
+  for key, value in values.items():
+    path = prefix + key
+    if isinstance(value, dict) and path != "model":
+      out.update(_leaves(value, path + "."))
+    else:
+      out[path] = value
+  return out
 
 
 def test_there_are_configs():
-  assert MODEL_CONFIGS, "no configs/*.py with a model section found"
+  names = {os.path.basename(p) for p in MODEL_CONFIGS}
+  assert set(INTENDED) <= names, names
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=os.path.basename)
+# base.py's network is the default RetroConfig (retro.py:172m without scan
+# and bfloat16); tracing its 12 unrolled layers would take ~15 s.
+@pytest.mark.parametrize("path", [p for p in MODEL_CONFIGS if p != BASE],
+                         ids=os.path.basename)
 def test_config_builds_abstract_model(path):
-  config = _load(path)
+  config = run_config.load_config_file(path)
   cfg = RetroConfig.from_dict(config.model)
   model = Retro(cfg)
-  # The config's own training shapes where it has them, else one chunk.
-  train_cfg = config.get("train", {})
-  batch = train_cfg.get("batch_size", 1)
-  length = train_cfg.get("seq_len", cfg.chunk_size)
+  batch, length = config.train.batch_size, config.train.seq_len
   tokens, neighbours = model.dummy_inputs(batch, length)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens, neighbours)
   logits = jax.eval_shape(model.apply, params, tokens, neighbours)
   assert logits.shape == (batch, length, cfg.vocab_size)
   assert logits.dtype == jnp.float32
-  if "mesh" in config:   # Resolves on the 8 simulated devices.
-    assert len(sharding.mesh_shape(dict(config.mesh), 8)) == 3
+  assert len(sharding.mesh_shape(dict(config.mesh), 8)) == 3  # 8 devices.
+  loop.check_config(config)   # Every field the training loop requires.
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=os.path.basename)
 def test_config_loads_through_config_flags(path):
-  # Overrides reach the nested model section, as `--config.model.x=...`
-  # does on a script's command line. config_flags finds override flags in
-  # the argv it is given (sys.argv by default).
+  # Overrides reach the nested sections, as `--config.model.x=...` does on a
+  # script's command line. config_flags finds override flags in the argv it
+  # is given (sys.argv by default).
   argv = ["prog", f"--config={path}", "--config.model.num_layers=3",
-          "--config.model.cca_layers=(3,)"]
+          "--config.model.cca_layers=(3,)",
+          "--config.data.max_bytes.validation=5",
+          "--config.data.meta={'pile_set_name': 'ArXiv'}"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", path, "experiment config",
                                   flag_values=fv, sys_argv=argv)
   fv(argv)
   cfg = RetroConfig.from_dict(fv.config.model)
   assert cfg.num_layers == 3 and cfg.cca_layers == (3,)
-  assert fv.config.to_dict() == {**_load(path).to_dict(),
-                                 "model": fv.config.model.to_dict()}
+  assert fv.config.data.max_bytes.validation == 5
+  assert dict(fv.config.data.meta) == {"pile_set_name": "ArXiv"}
+  want = run_config.load_config_file(path).to_dict()
+  want["data"].update(max_bytes={**want["data"]["max_bytes"],
+                                 "validation": 5},
+                      meta={"pile_set_name": "ArXiv"})
+  assert fv.config.to_dict() == {**want, "model": fv.config.model.to_dict()}
 
 
-def _script(*args, timeout=120):
-  env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-  env.pop("XLA_FLAGS", None)   # The script needs no simulated devices.
-  return subprocess.run(
-      [sys.executable, os.path.join("scripts", "benchmark.py"), *args],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-      timeout=timeout, check=False)
+@pytest.mark.parametrize("name", sorted(INTENDED))
+def test_config_differs_from_base_only_where_intended(name):
+  base = _leaves(run_config.base_config().to_dict())
+  config = _leaves(run_config.load_config_file(
+      os.path.join(REPO_ROOT, "configs", name)).to_dict())
+  missing = object()
+  changed = {k for k in base.keys() | config.keys()
+             if base.get(k, missing) != config.get(k, missing)}
+  assert changed == INTENDED[name]
 
 
-def test_benchmark_script_flags():   # ~3 s: two interpreter starts.
-  # absl's --help prints usage and exits with status 1 (absl convention),
-  # so the clean-exit check uses --only_check_args: flags, including the
-  # default config file, are parsed and the script exits 0 before main().
-  out = _script("--only_check_args")
-  assert out.returncode == 0, out.stderr[-3000:]
-  out = _script("--help")
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert out.returncode in (0, 1)
-  assert "--config" in out.stdout and "--threads" in out.stdout, out.stdout
+def test_total_steps_follows_steps_unless_set():
+  config = run_config.load_config_file(
+      os.path.join(REPO_ROOT, "configs", "tiny.py"))
+  config.train.steps = 7
+  assert config.train.total_steps == 7
+  config.train.total_steps = 100     # Sets the horizon alone.
+  assert (config.train.steps, config.train.total_steps) == (7, 100)
+
+
+def _commented_lines(source):
+  """Line numbers holding a comment, and those of comment-only lines."""
+  comments, alone = set(), set()
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      comments.add(tok.start[0])
+      if not tok.line[:tok.start[1]].strip():
+        alone.add(tok.start[0])
+  return comments, alone
+
+
+def _assigned_fields(source):
+  """{"section" or "section.field": (first line, last line)} of each
+  `config.section[.field] = ...` statement."""
+  out = {}
+  for node in ast.walk(ast.parse(source)):
+    if not isinstance(node, ast.Assign):
+      continue
+    for target in node.targets:
+      names = []
+      while isinstance(target, ast.Attribute):
+        names.insert(0, target.attr)
+        target = target.value
+      if isinstance(target, ast.Name) and target.id == "config" and names:
+        out[".".join(names)] = (node.lineno, node.end_lineno)
+  return out
+
+
+def test_every_base_field_has_a_comment():
+  with open(BASE) as f:
+    source = f.read()
+  comments, alone = _commented_lines(source)
+  assigned = _assigned_fields(source)
+
+  def commented(field):
+    first, last = assigned[field]
+    # A comment on the statement's lines, or comment lines right above it.
+    return bool(comments & set(range(first, last + 1))) or first - 1 in alone
+
+  base = run_config.base_config()
+  fields = ["model"] + [f"{section}.{field}" for section in base.keys()
+                        if section != "model" for field in base[section]]
+  assert not [f for f in fields if f not in assigned]
+  assert not [f for f in fields if not commented(f)]
+
+
+def test_training_requires_every_base_field():
+  base = run_config.base_config()
+  required = run_config.required_fields()
+  assert set(required) == set(base.keys())
+  for section in base.keys():
+    if section != "model":
+      assert set(required[section]) == set(base[section].keys()), section
+  config = run_config.load_config_file(
+      os.path.join(REPO_ROOT, "configs", "tiny.py"))
+  del config.data.meta
+  del config.cache
+  with pytest.raises(ValueError, match=r"lacks config\.cache, "
+                     r"config\.data\.meta \(configs/base\.py"):
+    loop.check_config(config)

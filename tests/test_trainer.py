@@ -3,7 +3,6 @@ loss falls, sharded == one device, NaN stops with a good checkpoint kept,
 SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input fails
 before any compute."""
 
-import importlib.util
 import math
 import os
 import signal
@@ -13,10 +12,11 @@ import numpy as np
 import pytest
 
 from retro_jax import Retro, RetroConfig
+from retro_jax.data import train_sources
 from retro_jax.training import checkpoints
-from retro_jax.data import train_sources as data_source
-from retro_jax.training import step as train
 from retro_jax.training import loop as trainer
+from retro_jax.training import run_config
+from retro_jax.training import step as step_lib
 from conftest import REPO_ROOT
 
 # Tests below compile the same programs more than once: cache them.
@@ -27,11 +27,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 def tiny_config(**train_overrides):
   """configs/tiny.py, shrunk: vocab 256, batch 8 of 128 tokens."""
-  path = os.path.join(REPO_ROOT, "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = run_config.load_config_file(
+      os.path.join(REPO_ROOT, "configs", "tiny.py"))
   config.model.update(dict(vocab_size=256, num_layers=2, cca_layers=(2,),
                            enc_num_layers=1))
   config.train.update(dict(batch_size=8, seq_len=128, steps=6, log_every=1,
@@ -117,7 +114,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_returns(tmp_path):
   config = tiny_config(steps=50)
-  base = data_source.make_source(config)
+  base = train_sources.make_source(config)
 
   def source(start):
     for i, batch in enumerate(base(start)):
@@ -147,8 +144,8 @@ def test_retrofit_trains_only_retrieval_weights(tmp_path):
   retro.mesh.update(dict(data=2, fsdp=2, model=2))
   summary = trainer.train(retro, str(tmp_path / "retro"))
   after = flat(params_of(summary))
-  frozen = [k for k in after if not train.is_retrieval_module(k)]
-  trained = [k for k in after if train.is_retrieval_module(k)]
+  frozen = [k for k in after if not step_lib.is_retrieval_module(k)]
+  trained = [k for k in after if step_lib.is_retrieval_module(k)]
   assert len(trained) >= 4 and len(frozen) >= 10
   per_layer = {}
   for k, v in base_params.items():    # Unstack "layers_00_01" per layer.
@@ -183,7 +180,7 @@ def test_bad_input_fails_before_compute(tmp_path):
 
   # A workdir holding a run of another architecture.
   config = tiny_config()
-  checkpoints.save_run_config(str(tmp_path / "d"), config)
+  run_config.save_run_config(str(tmp_path / "d"), config)
   config.model.d_model = 32
   with pytest.raises(ValueError, match=r"another model architecture.*d_model"):
     trainer.train(config, str(tmp_path / "d"))
@@ -225,11 +222,11 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
 def test_copy_probe_neighbour_holds_what_the_chunk_predicts():
   cfg = RetroConfig.from_dict(tiny_config().model)
   m, r = cfg.chunk_size, cfg.neighbour_len
-  b = data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=7)
+  b = train_sources.copy_batch(cfg, 4, 2 * r, seed=3, step=7)
   tokens, nbs = b["tokens"], b["neighbours"]
   l = tokens.shape[1] // m
   assert nbs.shape == (4, l, cfg.num_neighbours, r)
-  assert tokens.min() >= 1 and tokens.max() < data_source.COPY_ALPHABET
+  assert tokens.min() >= 1 and tokens.max() < train_sources.COPY_ALPHABET
   for u in range(l - 1):
     # Chunk u's first neighbour is chunk u, then the chunk CCA predicts.
     np.testing.assert_array_equal(nbs[:, u, 0, :m], tokens[:, u * m:(u + 1) * m])
@@ -237,8 +234,8 @@ def test_copy_probe_neighbour_holds_what_the_chunk_predicts():
                                   tokens[:, (u + 1) * m:(u + 2) * m])
     assert (nbs[:, u, 1] != nbs[:, u, 0]).mean() > 0.9   # The other is noise.
   # A function of (seed, step); a host's shard is its rows of the batch.
-  again = data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=7,
+  again = train_sources.copy_batch(cfg, 4, 2 * r, seed=3, step=7,
                                  shard_index=1, num_shards=2)
   np.testing.assert_array_equal(again["neighbours"], nbs[2:])
   assert not np.array_equal(
-      data_source.copy_batch(cfg, 4, 2 * r, seed=3, step=8)["tokens"], tokens)
+      train_sources.copy_batch(cfg, 4, 2 * r, seed=3, step=8)["tokens"], tokens)

@@ -34,8 +34,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from retro_jax.core import sharding
 from retro_jax.config import RetroConfig
+from retro_jax.core import sharding
 
 Batch = Dict[str, np.ndarray]
 DataSource = Callable[[int], Iterator[Batch]]
@@ -122,10 +122,9 @@ def task_source(config: ml_collections.ConfigDict, *,
                        f"config.data.source='task'")
   cfg = RetroConfig.from_dict(config.model)
   tasks.register_for_reading(
-      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", ""),
-      db_dir=d.db_dir, seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
-      max_bytes=d.max_bytes or None, meta_filter=d.get("meta_filter", ""),
-      split_max_bytes=d.get("split_max_bytes", ""))
+      d.task_name, corpus=d.corpus, spm_path=d.spm_path, db_dir=d.db_dir,
+      seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
+      max_bytes=dict(d.max_bytes), meta=dict(d.meta))
 
   def iterate(start_step: int) -> Iterator[Batch]:
     return tasks.batches(

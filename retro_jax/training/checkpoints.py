@@ -3,7 +3,8 @@
 A run's workdir holds:
 
   config.json               the full run config (ml_collections, as JSON),
-                            written at start; evaluation and sampling read it.
+                            written at start; evaluation and sampling read it
+                            (retro_jax.training.run_config).
   checkpoints/<step>/       one orbax checkpoint per saved step, items:
       params                the Haiku params tree (float32, sharded arrays)
       train                 {"opt_state": optax state, "step": int32 []}
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from etils import epath
@@ -29,68 +29,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-CONFIG_FILE = "config.json"
+from retro_jax.training import run_config
+
 CHECKPOINT_DIR = "checkpoints"
-
-
-def _path(workdir: str, *parts: str) -> epath.Path:
-  """A local or cloud (gs://) path; local ones are made absolute."""
-  root = str(workdir)
-  if "://" not in root:
-    root = os.path.abspath(root)
-  return epath.Path(root).joinpath(*parts)
-
-
-# -- run config ---------------------------------------------------------------
-def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the run config to `workdir/config.json` (process 0 only; write to
-  a temporary name, then rename). Returns the path."""
-  path = _path(workdir, CONFIG_FILE)
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.replace(path)
-  return str(path)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run config saved by `save_run_config` (ConfigDict)."""
-  path = _path(workdir, CONFIG_FILE)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no run config; is {workdir} the workdir "
-                            f"of a training run?")
-  try:
-    values = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  return ml_collections.ConfigDict(values)
-
-
-def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
-  """Model fields whose values differ (lists and tuples compare equal)."""
-  def norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-  keys = sorted(set(saved) | set(current))
-  return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
-          for k in keys if norm(saved.get(k)) != norm(current.get(k))]
-
-
-def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError if `workdir` holds a run of another architecture.
-
-  Compares `config.model` with the saved run config (if any); training
-  fields (steps, learning rate, ...) may change between restarts.
-  """
-  if not _path(workdir, CONFIG_FILE).exists():
-    return
-  saved = load_run_config(workdir)
-  diffs = model_differences(saved.model.to_dict(), config.model.to_dict())
-  if diffs:
-    raise ValueError(
-        f"{_path(workdir, CONFIG_FILE)} describes another model "
-        f"architecture than this run's config.model; differing fields: "
-        f"{'; '.join(diffs)}. Use a new --workdir, or the saved config.")
 
 
 # -- checkpoints --------------------------------------------------------------
@@ -109,7 +50,7 @@ class Checkpointer:
       raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
     if keep < 1:
       raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
-    self.directory = str(_path(workdir, CHECKPOINT_DIR))
+    self.directory = str(run_config.workdir_path(workdir, CHECKPOINT_DIR))
     self.config = config
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
@@ -185,7 +126,8 @@ class Checkpointer:
       return None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored["config"])
+    return ml_collections.ConfigDict(run_config.upgrade_legacy_fields(
+        restored["config"], f"{self.directory}/{step}/config"))
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -231,8 +173,8 @@ def restore_params(workdir: str, step: Optional[int] = None,
       (e.g. the parameter rules on a mesh, see `train.restore_params`).
       Default: all on this process's first device.
   """
-  config = load_run_config(workdir)
-  directory = str(_path(workdir, CHECKPOINT_DIR))
+  config = run_config.load_run_config(workdir)
+  directory = str(run_config.workdir_path(workdir, CHECKPOINT_DIR))
   quiet = _ExpectedReadOnlyWarnings()
   logging.getLogger("absl").addFilter(quiet)
   manager = ocp.CheckpointManager(

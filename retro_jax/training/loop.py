@@ -30,27 +30,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from retro_jax.training import checkpoints
-from retro_jax.data import train_sources as data_source
-from retro_jax.model import flops
-from retro_jax.training import metrics as progress
-from retro_jax.training import retrofit
-from retro_jax.core import sharding
-from retro_jax.training import step as train_lib
 from retro_jax.config import RetroConfig
+from retro_jax.core import sharding
+from retro_jax.data import train_sources
+from retro_jax.model import flops
 from retro_jax.model.network import Retro
-
-# Fields every training config must have, by section (see configs/tiny.py).
-REQUIRED = {
-    "train": ("batch_size", "seq_len", "steps", "total_steps",
-              "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay",
-              "b2", "clip_norm", "accum_steps", "trainable", "init_from",
-              "seed", "log_every", "peak_flops"),
-    "checkpoint": ("every", "keep", "async_save"),
-    "data": ("source",),
-    "mesh": ("data", "fsdp", "model"),
-}
-
+from retro_jax.training import checkpoints
+from retro_jax.training import metrics as metrics_lib
+from retro_jax.training import retrofit
+from retro_jax.training import run_config
+from retro_jax.training import step as step_lib
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient became NaN or inf; the run stopped."""
@@ -59,21 +48,19 @@ class NonFiniteLossError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming missing config sections or fields."""
   missing = []
-  for section, fields in REQUIRED.items():
+  for section, fields in run_config.required_fields().items():
     if section not in config:
       missing.append(f"config.{section}")
       continue
     missing += [f"config.{section}.{f}" for f in fields
                 if f not in config[section]]
-  if "model" not in config:
-    missing.append("config.model")
   if missing:
     raise ValueError(f"the training config lacks {', '.join(missing)} "
-                     f"(see configs/tiny.py for every field)")
+                     f"(configs/base.py states every field)")
   tc = config.train
-  if tc.trainable not in train_lib.TRAINABLE:
+  if tc.trainable not in step_lib.TRAINABLE:
     raise ValueError(f"config.train.trainable must be one of "
-                     f"{train_lib.TRAINABLE}, got {tc.trainable!r}")
+                     f"{step_lib.TRAINABLE}, got {tc.trainable!r}")
   if tc.trainable == "retrieval" and not tc.init_from:
     raise ValueError("config.train.trainable='retrieval' (RETROfit) needs "
                      "config.train.init_from: the workdir of a trained "
@@ -100,7 +87,7 @@ def _check_checkpoint_model(ckpt: checkpoints.Checkpointer,
   saved = ckpt.saved_config()
   if saved is None or "model" not in saved:
     return
-  diffs = checkpoints.model_differences(saved.model.to_dict(),
+  diffs = run_config.model_differences(saved.model.to_dict(),
                                         config.model.to_dict())
   if diffs:
     raise ValueError(f"the checkpoint in {ckpt.directory} (step "
@@ -137,9 +124,9 @@ def _retrofit_params(config, model_cfg: RetroConfig, params, param_sharding,
                      mesh):
   """`params` with the non-retrieval weights of `train.init_from`."""
   base_dir = config.train.init_from   # Set: `check_config` made sure.
-  base_config = checkpoints.load_run_config(base_dir)
+  base_config = run_config.load_run_config(base_dir)
   retrofit.check_baseline(RetroConfig.from_dict(base_config.model), model_cfg)
-  _, base_params, base_step = train_lib.restore_params(base_dir, mesh=mesh)
+  _, base_params, base_step = step_lib.restore_params(base_dir, mesh=mesh)
   logging.info("RETROfit: baseline weights from %s step %d", base_dir,
                base_step)
   return jax.jit(retrofit.graft, out_shardings=param_sharding)(params,
@@ -178,12 +165,12 @@ class _SigtermFlag:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          source: Optional[data_source.DataSource] = None,
+          source: Optional[train_sources.DataSource] = None,
           devices=None) -> Dict[str, Any]:
   """Trains (or resumes) the run in `workdir`.
 
   Args:
-    config: the run config (see configs/tiny.py).
+    config: the run config (configs/base.py states every field).
     workdir: run folder; an existing run there is resumed.
     source: `start_step -> iterator` of host batches (default: the one
       `config.data.source` names).
@@ -193,27 +180,27 @@ def train(config: ml_collections.ConfigDict, workdir: str,
      "state" (the final TrainState)}.
   """
   check_config(config)
-  checkpoints.check_same_model(workdir, config)
+  run_config.check_same_model(workdir, config)
   cfg = RetroConfig.from_dict(config.model)
   tc, cc = config.train, config.checkpoint
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  train_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
+  step_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
   _, num_shards = sharding.host_batch_shard(mesh, tc.batch_size)
 
   def position(step):   # The data position a checkpoint records.
-    return dict(data_source.data_position(config, step),
+    return dict(train_sources.data_position(config, step),
                 num_shards=num_shards,
                 host_batch_size=tc.batch_size // num_shards)
   batch_abs = abstract_batch(cfg, tc.batch_size, tc.seq_len)
-  source = source or data_source.make_source(config, mesh)
+  source = source or train_sources.make_source(config, mesh)
 
   model = Retro(cfg)
-  schedule = train_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
+  schedule = step_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
                                      tc.total_steps, tc.end_lr_ratio)
-  optimizer = train_lib.make_optimizer(
+  optimizer = step_lib.make_optimizer(
       tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.end_lr_ratio,
       weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
-  abstract, state_sh, _ = train_lib.state_shardings(
+  abstract, state_sh, _ = step_lib.state_shardings(
       model, optimizer, mesh, batch_abs, trainable=tc.trainable)
 
   ckpt = checkpoints.Checkpointer(workdir, save_every=cc.every, keep=cc.keep,
@@ -222,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if start is not None:
     _check_checkpoint_model(ckpt, config)
     _check_data_position(ckpt, position(start),
-                         tc.get("allow_data_change", False))
+                         tc.allow_data_change)
     state, saved = ckpt.restore(
         checkpoints.abstract_with_shardings(abstract, state_sh))
     start = int(saved["step"])
@@ -230,13 +217,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   else:
     start = 0
     with jax.set_mesh(mesh):
-      state = train_lib.init_sharded_state(
+      state = step_lib.init_sharded_state(
           model, optimizer, state_sh, jax.random.key(tc.seed), batch_abs,
           tc.trainable)
       if tc.trainable == "retrieval":
         state = state._replace(params=_retrofit_params(
             config, cfg, state.params, state_sh.params, mesh))
-  checkpoints.save_run_config(workdir, config)
+  run_config.save_run_config(workdir, config)
 
   if jax.process_index() == 0:
     n_params = sum(math.prod(x.shape) for x in
@@ -245,14 +232,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           f"{jax.device_count()} devices / {jax.process_count()} hosts; "
           f"start step {start} of {tc.steps}", flush=True)
 
-  step_fn = train_lib.jit_train_step(model, optimizer, mesh, state_sh,
+  step_fn = step_lib.jit_train_step(model, optimizer, mesh, state_sh,
                                      batch_abs, tc.trainable, tc.accum_steps)
-  logger = progress.MetricsLogger(
+  logger = metrics_lib.MetricsLogger(
       workdir, total_steps=tc.steps,
       tokens_per_step=tc.batch_size * tc.seq_len,
       flops_per_step=flops.train_flops(cfg, tc.batch_size,
                                        tc.seq_len)["total"],
-      peak_flops=progress.device_peak_flops(tc.peak_flops),
+      peak_flops=metrics_lib.device_peak_flops(tc.peak_flops),
       num_devices=jax.device_count(), schedule=schedule)
   summary = {"status": "done", "metrics": {}}
   step = start

@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
-from retro_jax.core import sharding
-from retro_jax.training import step as train
 from retro_jax.config import RetroConfig
+from retro_jax.core import sharding
 from retro_jax.model.flops import causal_score_pairs
 from retro_jax.model.network import Retro
+from retro_jax.training import step as step_lib
 
 GIB = 2 ** 30
 # Slice name prefix -> (TensorCores per JAX device in the name's count,
@@ -84,20 +84,20 @@ def state_bytes(cfg: RetroConfig, mesh, trainable: str = "all"
                 ) -> Dict[str, float]:
   """Exact per-device bytes of params, optimizer state and gradients."""
   model = Retro(cfg)
-  optimizer = train.make_optimizer(1e-4, 750, 10_000)
+  optimizer = step_lib.make_optimizer(1e-4, 750, 10_000)
   tokens, neighbours = model.dummy_inputs()
-  abstract, specs, _ = train.state_specs(
+  abstract, specs, _ = step_lib.state_specs(
       model, optimizer, mesh, {"tokens": tokens, "neighbours": neighbours},
       trainable=trainable)
   params = abstract.params
-  trained, _ = train.split_params(params, trainable)
+  trained, _ = step_lib.split_params(params, trainable)
   is_p = lambda x: isinstance(x, sharding.P)
 
   def total(tree, spec_tree):
     return sum(_shard_bytes(l, s, mesh) for l, s in zip(
         jax.tree_util.tree_leaves(tree),
         jax.tree_util.tree_leaves(spec_tree, is_leaf=is_p)))
-  trained_specs, _ = train.split_params(specs.params, trainable)
+  trained_specs, _ = step_lib.split_params(specs.params, trainable)
   return {"num_params": sum(math.prod(x.shape) for x in
                             jax.tree_util.tree_leaves(params)),
           "params": total(params, specs.params),

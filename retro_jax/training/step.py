@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from retro_jax.training import checkpoints
 from retro_jax.core import sharding
 from retro_jax.model.network import Retro
+from retro_jax.training import checkpoints
 
 Batch = Dict[str, jax.Array]
 
@@ -198,14 +198,6 @@ def train_step(model: Retro, optimizer: optax.GradientTransformation,
   params = hk.data_structures.merge(trained, frozen) if frozen else trained
   metrics["grad_norm"] = optax.tree.norm(grads)
   return TrainState(params, opt_state, state.step + 1), metrics
-
-
-def eval_step(model: Retro, params: hk.Params, batch: Batch) -> Dict:
-  """Summed NLL (nats) and target count of one batch (unjitted)."""
-  logits = model.apply(params, batch["tokens"], batch.get("neighbours"),
-                       retrieve_for_last_position=False)
-  nll, count = cross_entropy(logits, batch["tokens"], batch.get("loss_mask"))
-  return {"nll": nll, "targets": count}
 
 
 def _param_key(path) -> Optional[Tuple[str, str]]:
