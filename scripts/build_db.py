@@ -1,17 +1,24 @@
-r"""Builds the retrieval DB, or queries one.
+r"""Builds the retrieval DB of a run config, or queries one.
 
 Build (resumes from complete shards when rerun):
-  python scripts/build_db.py --config=configs/db_stdlib.py --db_dir=runs/db
+  python scripts/build_db.py --config=configs/quickstart.py
+
+The DB holds config.db.max_bytes of config.data.corpus in
+config.data.db_dir. The vocabulary is config.data.spm_path; when that is ""
+one of config.db.vocab_size pieces is trained on config.db.spm_train_bytes
+of text at <db_dir>/../spm.model (kept there, and reused by a rerun), and
+the DB keeps a copy in <db_dir>/spm.model, which every reader of
+spm_path "" uses.
 
 Across machines: --stage=chunks once, then --stage=embed --shard=i
 --num_shards=N on every worker, then --stage=index once.
 
 Inspect what the DB returns for a text:
-  python scripts/build_db.py --db_dir=runs/db --query="def read_csv(path):"
+  python scripts/build_db.py --config=configs/quickstart.py \
+      --query="def read_csv(path):"
 """
 
 import json
-import os
 import resource
 
 from absl import app
@@ -20,13 +27,13 @@ from absl import logging
 from ml_collections import config_flags
 
 from retro_jax.core import host_memory
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval.embedder import BertEmbedder
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/db_stdlib.py",
-                                          "DB build config file.")
-_DB_DIR = flags.DEFINE_string("db_dir", "runs/db", "The DB directory.")
-_STAGE = flags.DEFINE_enum("stage", "all", ["all", *pipeline.STAGES],
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run config file (configs/*.py): its data and db "
+    "sections.", lock_config=True)
+_STAGE = flags.DEFINE_enum("stage", "all", ["all", *build_job.STAGES],
                            "Which stage to run.")
 _SHARD = flags.DEFINE_integer("shard", 0, "This worker (embed stage).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Workers (embed stage).")
@@ -40,27 +47,30 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:    # Progress goes to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows JAX's INFO logs.
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
-  config, db_dir = _CONFIG.value, _DB_DIR.value
-  embedder = BertEmbedder.load(config.embedder or None,
-                               batch_size=config.embed_batch)
+  config = _CONFIG.value
+  data, db = config.data, config.db
+  if not data.db_dir:
+    raise app.UsageError("config.data.db_dir is empty: set it (e.g. "
+                         "--config.data.db_dir=runs/db)")
+  embedder = BertEmbedder.load(db.embedder or None,
+                               batch_size=db.embed_batch)
   if _QUERY.value:
-    for hit in pipeline.query(db_dir, _QUERY.value, embedder, k=_K.value):
+    for hit in build_job.query(data.db_dir, _QUERY.value, embedder,
+                               k=_K.value):
       print(f"--- chunk {hit['id']} (document {hit['doc_id']}), squared L2 "
             f"{hit['distance']:.3f}\n{hit['text']}")
     return
-  spm_path = config.spm_model or os.path.join(
-      os.path.dirname(os.path.abspath(db_dir)), "spm.model")
   skipped = {}   # Files the corpus reader skipped, by reason.
-  summary = pipeline.build_database(
-      db_dir,
-      lambda: pipeline.documents(config.corpus, config.max_bytes or None,
-                                 skipped=skipped),
-      spm_path, embedder,
-      stages=pipeline.STAGES if _STAGE.value == "all" else (_STAGE.value,),
-      vocab_size=config.vocab_size, spm_train_bytes=config.spm_train_bytes,
-      shard_chunks=config.shard_chunks, shard_index=_SHARD.value,
-      num_shards=_NUM_SHARDS.value, index_kind=config.index,
-      recall_queries=config.recall_queries)
+  summary = build_job.build_database(
+      data.db_dir,
+      lambda: build_job.documents(data.corpus, db.max_bytes or None,
+                                  skipped=skipped),
+      build_job.build_spm_path(data.spm_path, data.db_dir), embedder,
+      stages=build_job.STAGES if _STAGE.value == "all" else (_STAGE.value,),
+      vocab_size=db.vocab_size, spm_train_bytes=db.spm_train_bytes,
+      shard_chunks=db.shard_chunks, shard_index=_SHARD.value,
+      num_shards=_NUM_SHARDS.value, index_kind=db.index,
+      recall_queries=db.recall_queries)
   summary["corpus_files_skipped"] = skipped
   # ru_maxrss is in KiB on Linux.
   summary["peak_rss_mb"] = round(
@@ -69,4 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
   app.run(main)

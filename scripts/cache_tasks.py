@@ -7,9 +7,16 @@ with `retro_jax.data.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
 nothing touches the network); a rerun over a complete cache does nothing, a
 crashed one is rebuilt.
 
-  python scripts/build_db.py --config=configs/db_stdlib.py --db_dir=runs/db
-  python scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
-      [--config.max_bytes=2000000] [--overwrite]
+  python scripts/build_db.py --config=configs/quickstart.py
+  python scripts/cache_tasks.py --config=configs/quickstart.py \
+      [--config.data.max_bytes.train=2000000] [--overwrite]
+
+The run config names the Task: config.data (task name, corpus, splits and
+their text in data.max_bytes, meta filter, vocabulary, DB, cache
+directory), config.cache (batches, Beam runner, record files), the embedder
+in config.db.embedder, n = config.train.seq_len and k =
+config.model.num_neighbours; training and evaluation read the cache with
+the same config.
 
 Prints a progress bar per split and a summary: sequences, chunks, neighbours
 dropped by the same-document filter, missing neighbours, seconds.
@@ -26,7 +33,7 @@ from retro_jax.core import host_memory
 from retro_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/tasks_stdlib.py", "Task config file.")
+    "config", None, "Run config file (configs/*.py).", lock_config=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Rebuild even a complete cache.")
 
@@ -37,12 +44,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   config = _CONFIG.value
-  task = tasks.register_from_config(config, tasks.load_embedder(config))
-  summary = tasks.cache_task(task.name, config.cache_dir,
-                             runner=config.runner, overwrite=_OVERWRITE.value,
-                             num_files=config.num_files)
+  if not (config.data.db_dir and config.data.cache_dir):
+    raise app.UsageError("config.data.db_dir and config.data.cache_dir "
+                         "must both be set")
+  task = tasks.register_from_config(config)
+  summary = tasks.cache_task(task.name, config.data.cache_dir,
+                             runner=config.cache.runner,
+                             overwrite=_OVERWRITE.value,
+                             num_files=config.cache.num_files)
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -1,7 +1,9 @@
 r"""Prints one cached example as text: each chunk beside its neighbours.
 
-  python scripts/inspect_example.py --config=configs/tasks_stdlib.py \
+  python scripts/inspect_example.py --config=configs/quickstart.py \
       --split=validation --index=3
+
+The run config names the Task and its cache as for scripts/cache_tasks.py.
 
 Example `--index` is counted in cache file order (unshuffled). Each of the
 n/64 chunks is printed, then its k neighbours (the retrieved chunk | its
@@ -14,11 +16,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from retro_jax.data import tasks
+from retro_jax.config import CHUNK_SIZE, PAD_ID
 from retro_jax.corpus import vocab
+from retro_jax.data import tasks
+from retro_jax.retrieval import sequence_neighbours
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/tasks_stdlib.py", "Task config file.")
+    "config", None, "Run config file (configs/*.py).", lock_config=True)
 _SPLIT = flags.DEFINE_string("split", "validation", "Cached split.")
 _INDEX = flags.DEFINE_integer("index", 0, "Example number (file order).")
 _WIDTH = flags.DEFINE_integer("width", 0, "Cut texts to this many "
@@ -34,9 +38,10 @@ def main(argv):
   del argv
   config = _CONFIG.value
   task = tasks.register_from_config(config)
-  sp = vocab.load(tasks.spm_path_of(config))
+  sp = vocab.load(sequence_neighbours.default_spm_path(
+      config.data.spm_path, config.data.db_dir))
   it = tasks.batches(task, _SPLIT.value, batch_size=1,
-                     cache_dir=config.cache_dir, shuffle=False, repeat=False,
+                     cache_dir=config.data.cache_dir, shuffle=False, repeat=False,
                      with_doc_ids=True)
   example = next(itertools.islice(it, _INDEX.value, None), None)
   if example is None or not example["loss_mask"].any():
@@ -46,10 +51,10 @@ def main(argv):
   docs = list(dict.fromkeys(example["doc_ids"].tolist()))
   print(f"{task.name}:{_SPLIT.value} example {_INDEX.value}: "
         f"{len(example['tokens'])} tokens from documents {docs}")
-  m = tasks.CHUNK_SIZE
+  m = CHUNK_SIZE
 
   def decode(ids) -> str:
-    return sp.decode([int(t) for t in ids if t != vocab.PAD_ID])
+    return sp.decode([int(t) for t in ids if t != PAD_ID])
 
   chunks = example["tokens"].reshape(-1, m)                   # [L, m]
   for u, (chunk, neighbours) in enumerate(zip(chunks,
@@ -67,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -50,25 +50,22 @@ stage() {  # stage NAME: prints a banner and the elapsed time.
 }
 
 VAL_BYTES=$((DATA_BYTES / 10))   # Held-out text that evaluation scores.
-DATA=(--config.data.corpus="$CORPUS" --config.data.max_bytes="$DATA_BYTES"
-      --config.data.split_max_bytes=validation="$VAL_BYTES"
-      --config.data.db_dir="$W/db" --config.data.spm_path="$W/db/spm.model"
+# The same data fields for the DB build, the neighbour cache and training.
+# spm_path "": the DB build trains the vocabulary at $W/spm.model and keeps
+# a copy in $W/db/spm.model, which the cache job and training read.
+DATA=(--config=configs/quickstart.py --config.data.corpus="$CORPUS"
+      --config.data.max_bytes.train="$DATA_BYTES"
+      --config.data.max_bytes.validation="$VAL_BYTES"
+      --config.db.max_bytes="$DATA_BYTES" --config.db.spm_train_bytes="$DATA_BYTES"
+      --config.data.db_dir="$W/db" --config.data.spm_path=
       --config.data.cache_dir="$W/cache")
-TRAIN=(--config=configs/quickstart.py --config.train.steps="$STEPS" "${DATA[@]}")
+TRAIN=("${DATA[@]}" --config.train.steps="$STEPS")
 
 stage "1/6 vocabulary and retrieval DB ($DATA_BYTES bytes of $CORPUS)"
-"$PY" scripts/build_db.py --config=configs/db_stdlib.py --db_dir="$W/db" \
-  --config.corpus="$CORPUS" --config.max_bytes="$DATA_BYTES" \
-  --config.vocab_size=4096 \
-  --config.spm_train_bytes="$DATA_BYTES"
+"$PY" scripts/build_db.py "${DATA[@]}"
 
 stage "2/6 neighbours of every 64-token chunk (seqio cache, Beam)"
-"$PY" scripts/cache_tasks.py --config=configs/tasks_stdlib.py \
-  --config.task_name=retro_quickstart --config.corpus="$CORPUS" \
-  --config.db_dir="$W/db" \
-  --config.cache_dir="$W/cache" --config.max_bytes="$DATA_BYTES" \
-  --config.split_max_bytes=validation="$VAL_BYTES" --config.seq_len=256 \
-  --config.num_neighbours=2
+"$PY" scripts/cache_tasks.py "${DATA[@]}"
 
 stage "3/6 train RETRO ($STEPS steps)"
 "$PY" scripts/train.py "${TRAIN[@]}" --workdir="$W/retro"
@@ -125,5 +122,5 @@ TensorBoard logs:  $W/retro, $W/baseline   (tensorboard --logdir $W)
 checkpoints:       $W/retro/checkpoints, $W/baseline/checkpoints
 metrics JSON:      $W/retro/eval/, $W/baseline/eval/
 leakage plot:      $W/retro/eval/*.png
-retrieval DB:      $W/db      (python scripts/build_db.py --db_dir=$W/db --query="...")
+retrieval DB:      $W/db      (python scripts/build_db.py ${DATA[*]} --query="...")
 EOF

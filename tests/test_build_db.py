@@ -1,6 +1,7 @@
 """The DB build command end to end on a small slice of the standard library:
 real SentencePiece training, real BERT, real index, then a query."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval.embedder import BertEmbedder
 
 MAX_BYTES = 40_000
+TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")  # A run config.
 
 
 @pytest.fixture(scope="module")
@@ -109,30 +111,42 @@ def test_query_command_prints_neighbours(built):
   db_dir, _, _, _ = built
   out = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
-       f"--db_dir={db_dir}", "--query=def main():", "--k=2"],
+       "--config=" + TINY, f"--config.data.db_dir={db_dir}",
+       "--query=def main():", "--k=2"],
       capture_output=True, text=True, cwd=REPO_ROOT, check=True,
       env=dict(os.environ, PYTHONPATH=REPO_ROOT))
   assert out.stdout.count("--- chunk") == 2, out.stdout[-2000:]
 
 
-def test_db_config_fields_reach_the_build():
-  """configs/db_stdlib.py loads and names only fields the script reads."""
-  import importlib.util
-  path = os.path.join(REPO_ROOT, "configs", "db_stdlib.py")
-  spec = importlib.util.spec_from_file_location("db_stdlib", path)
+def test_run_config_db_fields_reach_the_build():
+  """Every field of the run config's db section, and the data fields the
+  build needs, are read by scripts/build_db.py."""
+  spec = importlib.util.spec_from_file_location(
+      "base_config", os.path.join(REPO_ROOT, "configs", "base.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   script = open(os.path.join(REPO_ROOT, "scripts", "build_db.py")).read()
-  for field in config:
-    assert f"config.{field}" in script, f"{field} is never read"
+  for field in config.db:
+    assert f"db.{field}" in script, f"db.{field} is never read"
+  for field in ("corpus", "spm_path", "db_dir"):
+    assert f"data.{field}" in script, f"data.{field} is never read"
+
+
+def test_build_vocabulary_defaults_beside_the_db():
+  """No vocabulary given: the build trains one beside the DB directory (a
+  rerun finds it); a given one is used as it is."""
+  assert pipeline.build_spm_path("", "runs/q/db") == os.path.abspath(
+      "runs/q/spm.model")
+  assert pipeline.build_spm_path("my.model", "runs/q/db") == "my.model"
 
 
 def _build_command(db_dir, *extra):
   return [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
-          f"--db_dir={db_dir}", "--config.max_bytes=100000",
-          "--config.vocab_size=512", "--config.spm_train_bytes=150000",
-          "--config.shard_chunks=40", *extra]
+          "--config=" + TINY, f"--config.data.db_dir={db_dir}",
+          "--config.db.max_bytes=100000", "--config.db.vocab_size=512",
+          "--config.db.spm_train_bytes=150000",
+          "--config.db.shard_chunks=40", *extra]
 
 
 @pytest.mark.slow

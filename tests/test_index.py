@@ -170,10 +170,10 @@ def test_exact_save_load(embeddings, tmp_path):
 
 def test_interrupted_save_is_never_loaded(embeddings, scann_index, tmp_path,
                                           monkeypatch):
-  def crash(path, obj):
-    del path, obj
+  def crash(path, obj, indent=1):
+    del path, obj, indent
     raise KeyboardInterrupt  # As if killed after ScaNN's files were written.
-  monkeypatch.setattr(index_lib, "_write_json", crash)
+  monkeypatch.setattr(index_lib.files, "write_json", crash)
   with pytest.raises(KeyboardInterrupt):
     index_lib.save(scann_index, str(tmp_path / "index"))
   assert os.listdir(tmp_path) == []  # Neither the index nor its temp dir.

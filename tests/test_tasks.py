@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 import seqio
 
-from retro_jax.data import tasks
-from retro_jax.data import batches as task_batches
-from retro_jax.data import cache_job as task_cache
 from retro_jax.corpus import packing
 from retro_jax.corpus import vocab
-from retro_jax.retrieval import db as dblib
+from retro_jax.data import batches as task_batches
+from retro_jax.data import cache_job as task_cache
+from retro_jax.data import preprocessors
+from retro_jax.data import tasks
 from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
 
 DB_BYTES = 25_000      # The DB: the first files of the stdlib (~300 chunks).
 MAX_BYTES = 20_000     # Per Task split (the train split lies inside the DB).
+SPLIT_BYTES = {"train": MAX_BYTES, "validation": MAX_BYTES}
 SEQ_LEN = 256
 K = 2
 NAME = "retro_test_stdlib"
@@ -38,8 +40,8 @@ def setup(tmp_path_factory):
       spm_path, embedder, shard_chunks=100, log=lambda _: None)
   task = tasks.register_retro_task(
       NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
-      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
-      embedder=embedder, retrieval_batch=16)
+      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
+      retrieval_batch=16)
   cache_dir = str(root / "cache")
   lines = []
   summary = tasks.cache_task(NAME, cache_dir, log=lines.append)
@@ -102,8 +104,8 @@ def test_sequences_are_the_packed_db_tokenization(setup):
   """The Task tokenizes and packs as the DB and packing.pack do."""
   task, sp = setup["task"], setup["sp"]
   ds = task.source.get_dataset("train", shuffle=False)
-  ds = tasks.pack_sequences(
-      tasks.tokenize(ds, spm_path=setup["spm_path"]),
+  ds = preprocessors.pack_sequences(
+      preprocessors.tokenize(ds, spm_path=setup["spm_path"]),
       seq_len=SEQ_LEN)
   got = list(ds.as_numpy_iterator())
   docs = pipeline.documents("python_stdlib", MAX_BYTES, split="train")
@@ -142,11 +144,8 @@ def test_neighbours_decode_to_db_text(setup):
   texts = {db.chunk_text(i, sp) for i in range(len(db))}
   batch = next(tasks.batches(NAME, "validation", batch_size=2,
                              cache_dir=setup["cache_dir"]))
-  for chunk, nb_texts in tasks.neighbour_texts(
-      {k: v[0] for k, v in batch.items()}, sp):
-    for nb in batch["neighbours"][0].reshape(-1, 128):
-      assert sp.decode([int(t) for t in nb[:64] if t]) in texts
-    assert len(nb_texts) == K and chunk
+  for nb in batch["neighbours"][0].reshape(-1, 128):
+    assert sp.decode([int(t) for t in nb[:64] if t]) in texts
 
 
 def test_same_seed_same_batches_across_epochs(setup):
@@ -243,7 +242,7 @@ def test_crashed_cache_job_leaves_no_complete_cache(setup, tmp_path):
   tasks.register_retro_task(
       "retro_test_cut", corpus=f"jsonl:{path}", spm_path=setup["spm_path"],
       db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
-      splits=("train",), embedder=setup["embedder"])
+      max_bytes={"train": 0})
   cache_dir = str(tmp_path / "cache")
   with pytest.raises(Exception, match="cut.jsonl.zst"):
     tasks.cache_task("retro_test_cut", cache_dir, log=lambda _: None)
@@ -261,14 +260,15 @@ def test_vocabulary_not_matching_the_db_names_the_file(setup, tmp_path):
   with pytest.raises(ValueError, match="other.model"):
     tasks.register_retro_task(
         "retro_test_other_vocab", corpus="python_stdlib", spm_path=other,
-        db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K)
+        db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
+        max_bytes=SPLIT_BYTES)
 
 
 def _register_as_the_cache_job(setup):
   return tasks.register_retro_task(
       NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
       db_dir=setup["db_dir"], seq_len=SEQ_LEN, num_neighbours=K,
-      max_bytes=MAX_BYTES, embedder=setup["embedder"], retrieval_batch=16)
+      max_bytes=SPLIT_BYTES, retrieval_batch=16)
 
 
 def test_registering_twice_replaces(setup):
@@ -280,44 +280,53 @@ def test_registering_twice_replaces(setup):
   with pytest.raises(ValueError, match="multiple of the chunk size"):
     tasks.register_retro_task(
         NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
-        db_dir=setup["db_dir"], seq_len=100, num_neighbours=K)
+        db_dir=setup["db_dir"], seq_len=100, num_neighbours=K,
+        max_bytes=SPLIT_BYTES)
 
 
 def test_readers_match_the_cache_job_whatever_splits_and_paths(
     setup, tmp_path, monkeypatch):
-  """Training and evaluation register the Task without splits or retrieval
-  batch, with the DB's copy of the vocabulary and a DB path spelled
-  differently: the cache job's cache reads; another meta filter is
-  refused, naming the field."""
+  """Training and evaluation register the Task without retrieval settings,
+  with the DB's copy of the vocabulary and a DB path spelled differently:
+  the cache job's cache reads; a record of an earlier version (one
+  max_bytes, per-split overrides, the Task's splits, the DB path as given)
+  still reads; another meta filter is refused, naming the field."""
   import json
   monkeypatch.chdir(setup["root"])
-  spec = dict(task_cache.TASK_SPECS[NAME])
+  spec = dict(seqio.get_mixture_or_task(NAME).spec)
   assert os.path.exists(os.path.join(setup["db_dir"], "spm.model"))
   try:
-    tasks.register_for_reading(
+    task = tasks.register_for_reading(
         NAME, corpus="python_stdlib", db_dir="./db//", seq_len=SEQ_LEN,
-        num_neighbours=K, max_bytes=MAX_BYTES, meta_filter="")
-    assert task_cache.TASK_SPECS[NAME] == spec
+        num_neighbours=K, max_bytes=SPLIT_BYTES, meta={})
+    assert task.spec == spec
     batch = next(tasks.batches(NAME, "validation", batch_size=2,
                                cache_dir=setup["cache_dir"]))
     assert batch["neighbours"].shape == (2, SEQ_LEN // 64, K, 128)
+    # Only the train split, other retrieval settings: train still reads.
     tasks.register_retro_task(
         NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
-        db_dir="db", seq_len=SEQ_LEN, num_neighbours=K, splits=("train",),
-        max_bytes=MAX_BYTES, retrieval_batch=3)
-    assert task_cache.TASK_SPECS[NAME] == spec
-    # A record of an earlier version (Task splits, the DB path as given).
+        db_dir="db", seq_len=SEQ_LEN, num_neighbours=K,
+        max_bytes={"train": MAX_BYTES}, retrieval_batch=3, embed_batch=5)
+    assert task_cache.require_complete(
+        NAME, setup["cache_dir"], ("train",),
+        seqio.get_mixture_or_task(NAME).spec)
+    # A record of an earlier version.
     old = task_cache.task_dir(NAME, str(tmp_path))
     shutil.copytree(task_cache.task_dir(NAME, setup["cache_dir"]), old)
     record_path = os.path.join(old, task_cache.RETRO_TASK)
     record = json.load(open(record_path))
-    record["spec"].update(splits=["train", "validation"], db_dir="db")
+    record["spec"].update(splits=["train", "validation"], db_dir="db",
+                          max_bytes=MAX_BYTES,
+                          split_max_bytes={"validation": MAX_BYTES})
     json.dump(record, open(record_path, "w"))
-    assert task_cache.require_complete(NAME, str(tmp_path), ("train",))
+    _register_as_the_cache_job(setup)
+    assert tasks.cache_task(NAME, str(tmp_path), log=lambda _: None)[
+        "skipped"]
     tasks.register_for_reading(
         NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
-        seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
-        meta_filter="pile_set_name=ArXiv")
+        seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
+        meta={"pile_set_name": "ArXiv"})
     with pytest.raises(task_cache.IncompleteCacheError, match="meta_filter"):
       next(tasks.batches(NAME, "validation", batch_size=2,
                          cache_dir=setup["cache_dir"]))
@@ -381,12 +390,16 @@ def test_inspect_command_prints_chunks_beside_neighbours(setup):
   from conftest import REPO_ROOT
   out = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, "scripts", "inspect_example.py"),
-       "--config=" + os.path.join(REPO_ROOT, "configs", "tasks_stdlib.py"),
-       f"--config.task_name={NAME}", f"--config.db_dir={setup['db_dir']}",
-       f"--config.spm_model={setup['spm_path']}",
-       f"--config.cache_dir={setup['cache_dir']}",
-       f"--config.max_bytes={MAX_BYTES}", f"--config.seq_len={SEQ_LEN}",
-       f"--config.num_neighbours={K}", "--split=validation", "--index=1"],
+       "--config=" + os.path.join(REPO_ROOT, "configs", "tiny.py"),
+       f"--config.data.task_name={NAME}",
+       f"--config.data.db_dir={setup['db_dir']}",
+       f"--config.data.spm_path={setup['spm_path']}",
+       f"--config.data.cache_dir={setup['cache_dir']}",
+       f"--config.data.max_bytes.train={MAX_BYTES}",
+       f"--config.data.max_bytes.validation={MAX_BYTES}",
+       f"--config.train.seq_len={SEQ_LEN}",
+       f"--config.model.num_neighbours={K}", "--split=validation",
+       "--index=1"],
       capture_output=True, text=True, cwd=REPO_ROOT, check=True,
       env=dict(os.environ, PYTHONPATH=REPO_ROOT))
   assert out.stdout.count("=== chunk") == SEQ_LEN // 64, out.stdout[-2000:]
@@ -438,34 +451,70 @@ def test_hosts_read_whole_files_when_the_cache_has_enough(setup, tmp_path):
   assert len([next(it) for _ in range(n)]) == n
 
 
-def test_split_max_bytes_limits_one_split_and_is_part_of_the_identity(setup):
-  """A per-split override reads less text of that split only, and a reader
-  registering another override is refused the cache, naming the field."""
-  def text_bytes(split, **kw):
-    ds = tasks._corpus_dataset(split, False, corpus="python_stdlib",
-                               max_bytes=60_000, meta_filter=None, **kw)
+def test_max_bytes_limits_each_split_and_is_part_of_its_identity(setup):
+  """A split's limit reads that much text of that split only; a reader with
+  another validation limit is refused the validation cache, naming the
+  field, and still reads the train cache."""
+  def text_bytes(split, **limits):
+    ds = preprocessors.corpus_documents(
+        split, False, corpus="python_stdlib",
+        max_bytes=dict(dict(train=60_000, validation=60_000), **limits),
+        meta={})
     return sum(len(x["text"]) for x in ds.as_numpy_iterator())
 
-  small = text_bytes("validation", split_max_bytes={"validation": 5_000})
+  small = text_bytes("validation", validation=5_000)
   assert 5_000 <= small < text_bytes("validation")
-  assert text_bytes("train", split_max_bytes={"validation": 5_000}) == (
-      text_bytes("train"))
-  assert tasks.parse_split_bytes("validation=200, test=7") == {
-      "validation": 200, "test": 7}
-  with pytest.raises(ValueError, match="split=bytes"):
-    tasks.parse_split_bytes("validation=lots")
-  assert tasks.parse_meta_filter("pile_set_name=ArXiv, lang=") == {
-      "pile_set_name": "ArXiv", "lang": ""}
-  with pytest.raises(ValueError, match="'ArXiv' is not key=value"):
-    tasks.parse_meta_filter("ArXiv")
+  assert text_bytes("train", validation=5_000) == text_bytes("train")
   try:
     tasks.register_for_reading(
         NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
-        seq_len=SEQ_LEN, num_neighbours=K, max_bytes=MAX_BYTES,
-        split_max_bytes="validation=5000")
-    with pytest.raises(task_cache.IncompleteCacheError,
-                       match="split_max_bytes"):
+        seq_len=SEQ_LEN, num_neighbours=K,
+        max_bytes={"train": MAX_BYTES, "validation": 5_000})
+    with pytest.raises(task_cache.IncompleteCacheError, match="max_bytes"):
       next(tasks.batches(NAME, "validation", batch_size=2,
                          cache_dir=setup["cache_dir"]))
+    batch = next(tasks.batches(NAME, "train", batch_size=2,
+                               cache_dir=setup["cache_dir"]))
+    assert batch["tokens"].shape == (2, SEQ_LEN)
   finally:
     _register_as_the_cache_job(setup)
+
+
+def test_spec_compares_only_the_splits_read_and_takes_old_records():
+  """Pure comparison, no cache: a record of an earlier version (one
+  max_bytes plus per-split overrides, the Task's splits, a relative DB path)
+  serves the same text limits; only the limits of the splits read count."""
+  from retro_jax.data import task_spec
+  new = {"corpus": "c", "db_dir": os.path.abspath("db"), "meta_filter": {},
+         "max_bytes": {"train": 2_000, "validation": 200}}
+  old = {"corpus": "c", "db_dir": "db", "meta_filter": {},
+         "max_bytes": 2_000, "split_max_bytes": {"validation": 200},
+         "splits": ["train", "validation"]}
+  assert not task_spec.differences(new, old, ("train", "validation"))
+  other = dict(new, max_bytes={"train": 2_000, "validation": 300})
+  assert task_spec.differences(other, old, ("validation",)) == ["max_bytes"]
+  assert not task_spec.differences(other, old, ("train",))
+  assert task_spec.differences(dict(new, meta_filter={"a": "b"}), old,
+                               ()) == ["meta_filter"]
+  # 0 and an absent limit both mean all of the split.
+  assert task_spec.split_limit({"max_bytes": {"train": 0}}, "train") is None
+  assert task_spec.split_limit({"max_bytes": None}, "validation") is None
+
+
+def test_run_config_cache_fields_reach_the_cache_job():
+  """Every field of the run config's cache section, and the data fields of
+  the Task, are read by scripts/cache_tasks.py or register_from_config."""
+  import importlib.util
+  from conftest import REPO_ROOT
+  spec = importlib.util.spec_from_file_location(
+      "base_config", os.path.join(REPO_ROOT, "configs", "base.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  code = "".join(open(os.path.join(REPO_ROOT, *p)).read() for p in (
+      ("scripts", "cache_tasks.py"), ("retro_jax", "data", "tasks.py")))
+  for field in config.cache:
+    assert f"cache.{field}" in code, f"cache.{field} is never read"
+  for field in ("task_name", "corpus", "max_bytes", "meta", "spm_path",
+                "db_dir", "cache_dir"):
+    assert f"data.{field}" in code, f"data.{field} is never read"

@@ -11,9 +11,11 @@ from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 
+from retro_jax.config import EOS_ID
+
 
 def pack(docs: Iterable[Tuple[int, np.ndarray]], seq_len: int,
-         eos_id: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+         eos_id: int = EOS_ID) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """Yields (tokens int32 [n], doc_ids int64 [n]) sequences.
 
   Args:
@@ -34,10 +36,3 @@ def pack(docs: Iterable[Tuple[int, np.ndarray]], seq_len: int,
       buf_t, buf_d = [tokens[seq_len:]], [doc_ids[seq_len:]]
       size -= seq_len
 
-
-def chunks_of(tokens: np.ndarray, chunk_size: int) -> np.ndarray:
-  """[n] tokens -> [n // m, m] chunks (n must be a multiple of m)."""
-  if tokens.shape[-1] % chunk_size:
-    raise ValueError(f"{tokens.shape[-1]} tokens are not a multiple of the "
-                     f"chunk size {chunk_size}")
-  return tokens.reshape(*tokens.shape[:-1], -1, chunk_size)

@@ -9,6 +9,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from retro_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from retro_jax.core import files
 
 
 def train(texts: Iterable[str], model_path: str, vocab_size: int,
@@ -38,11 +39,7 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int,
       split_digits=True, allow_whitespace_only_pieces=True,
       remove_extra_whitespaces=False, normalization_rule_name="identity",
       minloglevel=2)
-  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  tmp = model_path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(proto.getvalue())
-  os.replace(tmp, model_path)
+  files.write_bytes(model_path, proto.getvalue())
   return load(model_path)
 
 

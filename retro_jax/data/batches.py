@@ -1,6 +1,6 @@
 """Online input: numpy batches from a RETRO Task's cached split.
 
-The neighbours were precomputed offline (task_cache.py); online there is only
+The neighbours were precomputed offline (cache_job.py); online there is only
 reading, shuffling and batching. `batches` is what the training loop and
 evaluation iterate:
 
@@ -45,14 +45,13 @@ Shape glossary:
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Dict, Iterator, Union
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from retro_jax.data import cache_job as task_cache
+from retro_jax.data import cache_job
 from retro_jax.data.feature_converter import RetroFeatureConverter
 
 _READ_BLOCK = 256  # Examples per tf.data -> numpy transfer.
@@ -69,11 +68,6 @@ def _shard_info(shard_index: int, num_shards: int):
   return seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
 
 
-def _read_json(path: str):
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
-
-
 def cached_split(directory: str, split: str) -> seqio.FileDataSource:
   """The examples of `split` cached in `directory` (a task directory).
 
@@ -81,8 +75,8 @@ def cached_split(directory: str, split: str) -> seqio.FileDataSource:
   seqio's cache reader does (int32 stored as int64, cast back), and keeps
   seqio's file reading order (`FileDataSource` defaults).
   """
-  info = _read_json(seqio.get_cached_info_path(directory, split))
-  stats = _read_json(seqio.get_cached_stats_path(directory, split))
+  info = cache_job.read_json(seqio.get_cached_info_path(directory, split))
+  stats = cache_job.read_json(seqio.get_cached_stats_path(directory, split))
   features = info["features"]
   description = {}
   for key, feat in features.items():
@@ -211,11 +205,13 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
       shard is empty and `repeat` (an evaluation pass yields padding).
   """
   task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-  directory = task_cache.require_complete(task.name, cache_dir, (split,))
+  spec = cache_job.spec_of(task) or {}
+  directory = cache_job.require_complete(task.name, cache_dir, (split,),
+                                         spec or None)
   # Read from the directory just checked, whatever cache directories seqio
   # knows of (the registered Task is shared: it is not touched).
   source = cached_split(directory, split)
-  stamp = (directory, task_cache.completion_stamp(directory))
+  stamp = (directory, cache_job.completion_stamp(directory))
   if batch_size % num_shards:
     raise ValueError(f"batch size {batch_size} does not split over "
                      f"{num_shards} hosts")
@@ -228,7 +224,6 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
     raise ValueError(f"host {shard_index} of {num_shards} has no example of "
                      f"{task.name}:{split} ({total} in all)")
   converter = RetroFeatureConverter(with_doc_ids=with_doc_ids)
-  spec = task_cache.TASK_SPECS.get(task.name, {})
   n = spec.get("seq_len") or _first_length(source, split)
   lengths = converter.task_feature_lengths(n)
 
@@ -274,7 +269,7 @@ def batches(task: Union[str, seqio.Task], split: str, *, batch_size: int,
 
 
 def _first_length(source: seqio.FileDataSource, split: str) -> int:
-  """n of a cached split, read from its first example (Task registered
+  """n of a cached split, read from its first example (a Task registered
   without a spec, e.g. by other code)."""
   ds = source.get_dataset(split=split, shuffle=False)
   return int(next(iter(ds))["tokens"].shape[0])

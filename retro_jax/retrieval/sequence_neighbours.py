@@ -10,7 +10,9 @@ neighbour's value is the chunk followed by its continuation (r = 2m tokens,
 
 `load_retriever` opens a DB once per process (the embedder and the index
 cost seconds to load), so a Beam worker or an evaluation loop that calls it
-per batch pays that once.
+per batch pays that once. The embedder is named by its checkpoint directory
+("" = the bundled default), so a Beam worker that unpickles a preprocessor
+opens the same embedder without any object being handed over.
 
 Shape glossary:
   S: sequences.    n: tokens per sequence.    m: chunk size (64).
@@ -21,53 +23,64 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import db_format
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval.neighbours import Retriever
 
-_RESOURCES: Dict[Tuple[str, str, int], Tuple[Retriever, Any]] = {}
+_RESOURCES: Dict[Tuple[str, ...], Tuple[Retriever, Any]] = {}
 _PROCESSORS: Dict[str, Any] = {}
 _LOCK = threading.RLock()
 
 
 def default_spm_path(spm_path: str, db_dir: str) -> str:
   """`spm_path`, else the copy of the vocabulary the DB build keeps in
-  `db_dir` ("" if both are empty). Tasks, training and evaluation all
-  default the vocabulary this way."""
+  `db_dir` ("" if both are empty): the one place the data side (Tasks,
+  their cache job, training and evaluation inputs) resolves the
+  vocabulary of config.data.spm_path."""
   if spm_path or not db_dir:
     return spm_path or ""
   return os.path.join(db_dir, db_format.SPM_MODEL)
 
 
 def load_retriever(db_dir: str, spm_path: str,
-                   embedder=None) -> Tuple[Retriever, Any]:
+                   embedder: Union[str, Any, None] = "",
+                   embed_batch: int = 32) -> Tuple[Retriever, Any]:
   """(Retriever, SentencePieceProcessor) for `db_dir`, loaded once per process.
 
   Args:
     db_dir: a finalized retrieval DB with its index.
     spm_path: the SentencePiece model of the sequences; must be the DB's.
-    embedder: a BertEmbedder; None loads the default one (once).
+    embedder: the BERT checkpoint directory ("" or None: the bundled
+      default), loaded once per (directory, `embed_batch`); or a loaded
+      BertEmbedder, reused for every call with the same weights.
+    embed_batch: chunks per BERT forward pass of an embedder loaded here.
   Raises:
     ValueError: `spm_path` is not the vocabulary the DB was built with, or
       the embedder is not the DB's (both files / fingerprints named).
     IncompleteDBError: the DB is not finalized.
   """
-  key = (os.path.abspath(db_dir), os.path.abspath(spm_path), id(embedder))
+  if isinstance(embedder, str) or embedder is None:
+    which = ("path", os.path.abspath(embedder) if embedder else "",
+             str(embed_batch))
+  else:  # Keyed by what the embedder computes, not by the object.
+    which = ("weights", embedder.fingerprint, str(embedder.batch_size))
+  key = (os.path.abspath(db_dir), os.path.abspath(spm_path)) + which
   with _LOCK:
     if key not in _RESOURCES:
-      if embedder is None:
+      if isinstance(embedder, str) or embedder is None:
         from retro_jax.retrieval.embedder import BertEmbedder  # pylint: disable=g-import-not-at-top
-        embedder_obj = BertEmbedder.load()
+        embedder_obj = BertEmbedder.load(embedder or None,
+                                         batch_size=embed_batch)
       else:
         embedder_obj = embedder
       dblib.RetrievalDB.open(db_dir, spm_path=spm_path)  # Vocabulary check.
-      db, searcher = pipeline.open_for_queries(db_dir, embedder_obj)
+      db, searcher = build_job.open_for_queries(db_dir, embedder_obj)
       retriever = Retriever(embedder_obj, searcher, db.doc_ids_of,
                             db.neighbour_values)
       _RESOURCES[key] = (retriever, vocab.load(spm_path))
