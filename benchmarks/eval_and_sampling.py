@@ -1,6 +1,7 @@
 r"""Evaluation and sampling speed on the bench preset (CPU figures).
 
-  python scripts/benchmark_eval.py [--config=configs/bench.py] [--tokens=512]
+  python benchmarks/eval_and_sampling.py [--config=configs/bench.py] \
+      [--tokens=512]
 
 1. Evaluation tokens/s: the jitted scoring forward (per-token NLL) on
    batches of the bench shape (2 x 512 tokens, k=2, r=128), retrieval on;

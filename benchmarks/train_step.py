@@ -1,14 +1,15 @@
 r"""Times the RETRO training step on random tokens and neighbours.
 
-  python scripts/benchmark.py --config=configs/bench.py [--threads=1]
-      [--peer=../shared/peer --rounds=2]
+  python benchmarks/train_step.py --config=configs/bench.py [--threads=1]
+      [--rounds=2] [--peer=benchmarks/peer]
 
 Prints per-step times to stderr and one JSON line last on stdout: params,
 tokens_per_step, step_s_median, tokens_per_s, model_flops_per_step, mfu
-(against a float32 matmul peak measured in this run), threads. With --peer,
-the public PyTorch RETRO in that folder (its own environment, installed by its
-setup.sh) is timed in the same run, alternating with ours, and the JSON adds
-its figures and the speed ratio.
+(against a float32 matmul peak measured in this run), threads. The public
+PyTorch RETRO (retro-pytorch, in a venv of its own that --peer's setup.sh
+creates outside the repository on first use, about 1.5 min) is timed in the
+same run, alternating with ours, and the JSON adds its figures and the speed
+ratio; --peer= (empty) times ours alone.
 """
 
 import os
@@ -69,9 +70,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
                                           "Benchmark config file.")
 flags.DEFINE_integer("threads", 0, "Cores to use (0 = all); 1 pins the "
                      "process to one core.")
-_PEER = flags.DEFINE_string("peer", "", "Folder of the PyTorch peer "
+_PEER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer")
+_PEER = flags.DEFINE_string("peer", _PEER_DIR, "Folder of the PyTorch peer "
                             "(setup.sh, bench_retro_pytorch.py) to time in the "
-                            "same run; empty = skip.")
+                            "same run; empty = ours alone.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Alternations of ours and the "
                                "peer's timing (ours only: repeats).")
 
@@ -142,11 +144,19 @@ def _peer_env() -> dict:
   return env
 
 
-def run_peer(folder: str, threads: int, steps: int) -> dict:
-  """Times the peer in its own environment; returns its JSON line."""
+def setup_peer(folder: str) -> str:
+  """Creates or checks the peer's own environment; returns its python."""
+  log(f"[peer] setting up {folder} (about 1.5 min the first time)")
   setup = subprocess.run(["bash", os.path.join(folder, "setup.sh")],
-                         check=True, capture_output=True, text=True)
-  python = setup.stdout.strip().splitlines()[-1]
+                         check=False, capture_output=True, text=True)
+  if setup.returncode:
+    raise RuntimeError(f"{folder}/setup.sh failed (--peer= skips the peer):"
+                       f"\n{setup.stderr[-3000:]}")
+  return setup.stdout.strip().splitlines()[-1]
+
+
+def run_peer(folder: str, python: str, threads: int, steps: int) -> dict:
+  """Times the peer in its own environment; returns its JSON line."""
   cmd = [python, os.path.join(folder, "bench_retro_pytorch.py"),
          "--steps", str(steps)]
   if threads:
@@ -159,6 +169,8 @@ def run_peer(folder: str, threads: int, steps: int) -> dict:
 def main(argv):
   del argv
   config = _CONFIG.value
+  # Before our compile, so a peer that cannot be set up costs no wait.
+  peer_python = setup_peer(_PEER.value) if _PEER.value else None
   log(f"[retro_jax] jax {jax.__version__}, devices {jax.devices()}, "
       f"cores {sorted(os.sched_getaffinity(0))}, freed memory kept: "
       f"{_KEPT_FREED_MEMORY}")
@@ -172,8 +184,9 @@ def main(argv):
   our_times, peer_runs = [], []
   for _ in range(_ROUNDS.value):
     our_times += ours.run(config.bench.steps)
-    if _PEER.value:
-      peer_runs.append(run_peer(_PEER.value, _THREADS, config.bench.steps))
+    if peer_python:
+      peer_runs.append(run_peer(_PEER.value, peer_python, _THREADS,
+                                config.bench.steps))
       log(f"[peer] step_s_median {peer_runs[-1]['step_s_median']:.3f}")
 
   median = statistics.median(our_times)
@@ -206,6 +219,8 @@ def main(argv):
         "peer_flops_per_step": peer_runs[-1]["train_flops_per_step"],
         "speedup_vs_peer": round(peer_median / median, 3),
     })
+    log(f"step median: retro_jax {median:.3f} s, {result['peer']} "
+        f"{peer_median:.3f} s: {result['speedup_vs_peer']}x")
   print(json.dumps(result))
 
 

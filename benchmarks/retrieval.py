@@ -1,12 +1,13 @@
 r"""Retrieval figures on a built DB: embedding speed, index build, search.
 
-  python scripts/benchmark_retrieval.py --db_dir=runs/stdlib/db \
-      [--peer_python=/path/to/torch-env/bin/python]
+  python benchmarks/retrieval.py --db_dir=runs/stdlib/db \
+      [--peer_python=$(bash benchmarks/peer/setup.sh --with-transformers \
+                       | tail -n1)]
 
 Prints, then one JSON line last:
 - BERT embedding chunks/s on `--embed_chunks` DB chunks (compiled first), and
   with --peer_python the same chunks through PyTorch + transformers in that
-  environment (scripts/embed_peer_torch.py), with the ratio;
+  environment (benchmarks/peer/embed_bert_torch.py), with the ratio;
 - for 25%, 50% and 100% of the DB: ScaNN build seconds, queries/s of ScaNN and
   of exact search (blocked matmul + partial sort), and ScaNN's recall@10
   against exact search on held-in queries, so the growth with DB size shows.
@@ -34,8 +35,10 @@ _EMBED_CHUNKS = flags.DEFINE_integer("embed_chunks", 2000,
 _QUERIES = flags.DEFINE_integer("queries", 1000, "Held-in queries per size.")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.25", "0.5", "1.0"],
                                "DB prefixes to index.")
-_PEER_PYTHON = flags.DEFINE_string("peer_python", "", "Python of an "
-                                   "environment with torch + transformers.")
+_PEER_PYTHON = flags.DEFINE_string(
+    "peer_python", "", "Python of an environment with torch + transformers "
+    "(benchmarks/peer/setup.sh --with-transformers prints one); empty = ours "
+    "alone.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Embedding batch size.")
 
 
@@ -59,7 +62,8 @@ def embedding_figures(db, result):
   if _PEER_PYTHON.value:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
       json.dump(texts, f)
-    script = os.path.join(os.path.dirname(__file__), "embed_peer_torch.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer",
+                          "embed_bert_torch.py")
     out = subprocess.run(
         [_PEER_PYTHON.value, script, f.name, embedder.model_dir,
          str(len(os.sched_getaffinity(0))), str(_BATCH.value)],

@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput: offline neighbour precompute and online batches.
 
-  python scripts/benchmark_pipeline.py --config=configs/tasks_stdlib.py \
+  python benchmarks/input_pipeline.py --config=configs/tasks_stdlib.py \
       --config.max_bytes=1000000
 
 1. Precompute: caches the Task's train split into a fresh temporary

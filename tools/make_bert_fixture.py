@@ -1,11 +1,14 @@
 r"""Records reference BERT embeddings for tests/test_embedder.py.
 
 Run once, in an environment with torch + transformers (NOT a dependency of
-retro_jax; its own environment has neither), on the default model directory:
+retro_jax; its own environment has neither; benchmarks/peer/setup.sh
+--with-transformers makes one outside the repository), on the default model
+directory:
 
   MODEL_DIR=$(.venv/bin/python -c "from retro_jax.retrieval.embedder import \
       default_model_dir; print(default_model_dir())")
-  /path/to/torch-venv/bin/python scripts/make_bert_fixture.py \
+  PY=$(bash benchmarks/peer/setup.sh --with-transformers | tail -n1)
+  $PY tools/make_bert_fixture.py \
       --model_dir "$MODEL_DIR" --out tests/fixtures/minilm_reference.json
 
 It runs `transformers.AutoModel` + `AutoTokenizer` on each sentence alone (no
@@ -17,9 +20,6 @@ vectors (as full float lists) to a JSON fixture.
 import argparse
 import json
 import os
-
-import torch
-import transformers
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -44,6 +44,9 @@ def main():
                       help="Hugging Face BERT checkpoint directory")
   parser.add_argument("--out", default="tests/fixtures/minilm_reference.json")
   args = parser.parse_args()
+  # Imported after the flags, so --help works in an environment without them.
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(2)
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
@@ -61,7 +64,7 @@ def main():
                       "ids": enc["input_ids"][0].tolist(),
                       "vector": [float(v) for v in vec[0].tolist()]})
   out = {"model": "all-MiniLM-L6-v2",
-         "made_by": "scripts/make_bert_fixture.py",
+         "made_by": "tools/make_bert_fixture.py",
          "torch": torch.__version__,
          "transformers": transformers.__version__,
          "pooling": "mean over attention mask, unnormalised",
