@@ -10,7 +10,7 @@ import pytest
 
 import retro_jax
 from retro_jax.core import sharding
-from retro_jax.training import step as train
+from retro_jax.training import step as step_lib
 
 
 @pytest.mark.slow
@@ -18,13 +18,14 @@ def test_7_5b_init_and_step_lower_sharded():
   cfg = retro_jax.RetroConfig.preset("7.5b", scan_layers=True, remat="full",
                                      compute_dtype="bfloat16")
   model = retro_jax.Retro(cfg)
-  optimizer = train.make_optimizer(1e-4, warmup_steps=750, total_steps=10_000)
+  optimizer = step_lib.make_optimizer(1e-4, warmup_steps=750,
+                                      total_steps=10_000)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
   b, n = 8, 2048
   batch = {"tokens": jax.ShapeDtypeStruct((b, n), jnp.int32),
            "neighbours": jax.ShapeDtypeStruct((b, n // 64, 2, 128),
                                               jnp.int32)}
-  abstract, state_sh, unmatched = train.state_shardings(
+  abstract, state_sh, unmatched = step_lib.state_shardings(
       model, optimizer, mesh, batch, strict=True)
   assert not unmatched
 
@@ -41,9 +42,9 @@ def test_7_5b_init_and_step_lower_sharded():
   assert mine < total / 6, (mine, total)  # Split ~8 ways (norms replicated).
 
   with jax.set_mesh(mesh):
-    init = jax.jit(lambda r, bt: train.init_state(model, optimizer, r, bt),
+    init = jax.jit(lambda r, bt: step_lib.init_state(model, optimizer, r, bt),
                    out_shardings=state_sh)
     init.lower(jax.ShapeDtypeStruct((), jax.random.key(0).dtype), batch)
-    step = train.jit_train_step(model, optimizer, mesh, state_sh, batch)
+    step = step_lib.jit_train_step(model, optimizer, mesh, state_sh, batch)
     text = step.lower(abstract, batch).as_text()
   assert "sharding" in text

@@ -1,6 +1,6 @@
-"""retro_jax.training.memory_plan: exact state bytes per device (against the real
-shardings on 8 simulated devices), activation estimate behaviour, slices,
-and the script's table."""
+"""retro_jax.training.memory_plan: exact state bytes per device (against the
+real shardings on 8 simulated devices), activation estimate behaviour,
+slices, and the script's table."""
 
 import math
 import os
@@ -11,9 +11,9 @@ import jax
 import pytest
 
 from retro_jax import Retro, RetroConfig
-from retro_jax.training import memory_plan
 from retro_jax.core import sharding
-from retro_jax.training import step as train
+from retro_jax.training import memory_plan
+from retro_jax.training import step as step_lib
 from conftest import REPO_ROOT
 
 
@@ -32,10 +32,10 @@ def test_parse_slice():
 def test_state_bytes_match_real_shardings(axes):
   cfg = RetroConfig.preset("tiny")
   model = Retro(cfg)
-  optimizer = train.make_optimizer(1e-4, 750, 10_000)
+  optimizer = step_lib.make_optimizer(1e-4, 750, 10_000)
   mesh = sharding.make_mesh(axes)
   tokens, neighbours = model.dummy_inputs(8, 128)
-  abstract, shardings, _ = train.state_shardings(
+  abstract, shardings, _ = step_lib.state_shardings(
       model, optimizer, mesh, {"tokens": tokens, "neighbours": neighbours})
 
   def on_device(tree, shs):

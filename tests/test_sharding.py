@@ -11,7 +11,7 @@ import pytest
 
 from retro_jax import Retro, RetroConfig
 from retro_jax.core import sharding
-from retro_jax.training import step as train
+from retro_jax.training import step as step_lib
 from conftest import random_neighbours, random_tokens
 
 MESH_222 = {"data": 2, "fsdp": 2, "model": 2}
@@ -24,7 +24,7 @@ def test_eight_simulated_devices():
   assert jax.device_count() == 8, "conftest.py must set XLA_FLAGS first"
 
 
-# -- meshes ----------------------------------------------------------------------
+# -- meshes -------------------------------------------------------------------
 def test_make_mesh_fills_minus_one():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "model": 2})
   assert mesh.axis_names == ("data", "fsdp", "model")
@@ -80,7 +80,7 @@ def test_row_shards_give_replica_hosts_the_same_rows():
     sharding.row_shards([(0, 0, 2), (0, 4, 6), (1, 2, 4), (1, 6, 8)], 0)
 
 
-# -- parameter rules ---------------------------------------------------------------
+# -- parameter rules ----------------------------------------------------------
 def _abstract_params(name):
   model = Retro(RetroConfig.preset(name))
   return jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs())
@@ -119,26 +119,26 @@ def test_big_7_5b_matrices_are_sharded():
   assert per_device / total < 0.26, per_device / total
 
 
-# -- sharded training equals single-device training --------------------------------
+# -- sharded training equals single-device training ---------------------------
 @pytest.fixture(scope="module")
 def problem(tiny):
   model = Retro(tiny)
   host = {"tokens": random_tokens(tiny, 4, 256, seed=0),
           "neighbours": random_neighbours(tiny, 4, 256, seed=1)}
-  return model, train.make_optimizer(LR, warmup_steps=0), host
+  return model, step_lib.make_optimizer(LR, warmup_steps=0), host
 
 
 def _one_step(problem, mesh):
   """(initial params as numpy, the state after one step, metrics as numpy)."""
   model, optimizer, host = problem
   batch = sharding.global_batch(host, mesh)
-  _, state_sh, unmatched = train.state_shardings(model, optimizer, mesh, batch,
-                                                 strict=True)
+  _, state_sh, unmatched = step_lib.state_shardings(model, optimizer, mesh,
+                                                    batch, strict=True)
   assert unmatched == []
-  state = train.init_sharded_state(model, optimizer, state_sh,
+  state = step_lib.init_sharded_state(model, optimizer, state_sh,
                                    jax.random.key(0), batch)
   init = jax.device_get(state.params)
-  step = train.jit_train_step(model, optimizer, mesh, state_sh, batch)
+  step = step_lib.jit_train_step(model, optimizer, mesh, state_sh, batch)
   new, metrics = step(state, batch)
   return init, new, jax.device_get(metrics)
 
@@ -191,7 +191,7 @@ def test_sharded_gradients_equal_unsharded(problem):
                                host["neighbours"])
 
   def grads(p, b):
-    return jax.grad(lambda q: train.loss_fn(model, q, b)[0])(p)
+    return jax.grad(lambda q: step_lib.loss_fn(model, q, b)[0])(p)
 
   plain = jax.device_get(jax.jit(grads)(params, host))   # One device.
   mesh = sharding.make_mesh(MESH_222)

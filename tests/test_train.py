@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from retro_jax import Retro, RetroConfig
-from retro_jax.training import step as train
+from retro_jax.training import step as step_lib
 
 
 def test_cross_entropy_equals_direct_sum():
@@ -17,7 +17,7 @@ def test_cross_entropy_equals_direct_sum():
   logits = rng.standard_normal((b, n, v)).astype(np.float32)
   tokens = rng.integers(1, v, (b, n)).astype(np.int32)
   mask = (rng.random((b, n)) > 0.3).astype(np.float32)
-  nll, count = train.cross_entropy(jnp.asarray(logits), jnp.asarray(tokens),
+  nll, count = step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(tokens),
                                    jnp.asarray(mask))
   want_sum, want_count = 0.0, 0
   for i in range(b):
@@ -44,11 +44,11 @@ def test_loss_gradients_equal_those_of_full_retrieval():
 
   def full_loss(p):
     logits = model.apply(p, batch["tokens"], batch["neighbours"])
-    nll, count = train.cross_entropy(logits, batch["tokens"], None)
+    nll, count = step_lib.cross_entropy(logits, batch["tokens"], None)
     return nll / count
 
   (loss, _), grads = jax.jit(jax.value_and_grad(
-      lambda p: train.loss_fn(model, p, batch), has_aux=True))(params)
+      lambda p: step_lib.loss_fn(model, p, batch), has_aux=True))(params)
   want_loss, want_grads = jax.jit(jax.value_and_grad(full_loss))(params)
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
   flat, _ = jax.tree_util.tree_flatten_with_path(grads)
@@ -61,7 +61,7 @@ def test_loss_gradients_equal_those_of_full_retrieval():
 
 
 def test_schedule_warms_up_then_decays():
-  opt = train.make_optimizer(1.0, warmup_steps=10, total_steps=100,
+  opt = step_lib.make_optimizer(1.0, warmup_steps=10, total_steps=100,
                              end_lr_ratio=0.1, weight_decay=0.0,
                              clip_norm=None)
   params = {"w": jnp.zeros(())}
@@ -80,7 +80,7 @@ def test_schedule_warms_up_then_decays():
 def test_clipping_applies_before_adam():
   """Adam normalises updates, so clipping shows in its first moment: after
   one step mu = (1 - b1) * clipped gradient, whose norm is the clip norm."""
-  opt = train.make_optimizer(1e-3, warmup_steps=0, weight_decay=0.0,
+  opt = step_lib.make_optimizer(1e-3, warmup_steps=0, weight_decay=0.0,
                              clip_norm=1.0)
   params = {"w": jnp.zeros((4,))}
   _, state = opt.update({"w": jnp.full((4,), 100.0)}, opt.init(params), params)
@@ -93,32 +93,33 @@ def _tiny_setup(trainable="all"):
   cfg = RetroConfig.preset("tiny", vocab_size=128, num_layers=2,
                            cca_layers=(2,), enc_num_layers=1)
   model = Retro(cfg)
-  opt = train.make_optimizer(1e-2, warmup_steps=0)
+  opt = step_lib.make_optimizer(1e-2, warmup_steps=0)
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(1, 128, (4, 128)), jnp.int32),
            "neighbours": jnp.asarray(rng.integers(1, 128, (4, 2, 2, 128)),
                                      jnp.int32)}
-  state = jax.jit(lambda r, b: train.init_state(model, opt, r, b, trainable))(
-      jax.random.key(0), batch)
+  state = jax.jit(
+      lambda r, b: step_lib.init_state(model, opt, r, b, trainable))(
+          jax.random.key(0), batch)
   return model, opt, batch, state
 
 
 def test_split_params_names_retrieval_modules():
   _, _, _, state = _tiny_setup()
-  trained, frozen = train.split_params(state.params, "retrieval")
+  trained, frozen = step_lib.split_params(state.params, "retrieval")
   assert trained and frozen
   assert all("cca" in m or "encoder" in m for m in trained)
   assert not any("cca" in m or "encoder" in m for m in frozen)
-  assert train.split_params(state.params, "all") == (state.params, {})
+  assert step_lib.split_params(state.params, "all") == (state.params, {})
   with pytest.raises(ValueError, match="trainable must be one of"):
-    train.split_params(state.params, "cca")
+    step_lib.split_params(state.params, "cca")
 
 
 @pytest.mark.slow
 def test_retrieval_step_leaves_frozen_bits_and_moves_cca():
   model, opt, batch, state = _tiny_setup("retrieval")
   before = jax.device_get(state.params)
-  step = jax.jit(lambda s, b: train.train_step(model, opt, s, b,
+  step = jax.jit(lambda s, b: step_lib.train_step(model, opt, s, b,
                                                "retrieval"))
   for _ in range(2):
     state, _ = step(state, batch)
@@ -126,10 +127,10 @@ def test_retrieval_step_leaves_frozen_bits_and_moves_cca():
   for module in before:
     for name in before[module]:
       same = np.array_equal(before[module][name], after[module][name])
-      assert same != train.is_retrieval_module(module), (module, name)
+      assert same != step_lib.is_retrieval_module(module), (module, name)
   # Adam moments exist for the trained subset only, sharded like it.
   mu = optax.tree.get(state.opt_state, "mu")
-  assert set(mu) == set(train.split_params(before, "retrieval")[0])
+  assert set(mu) == set(step_lib.split_params(before, "retrieval")[0])
 
 
 @pytest.mark.slow
@@ -139,11 +140,11 @@ def test_accumulated_step_equals_whole_batch_step():
   model, _, batch, state = _tiny_setup()
   opt = optax.sgd(1.0)
   state = state._replace(opt_state=opt.init(state.params))
-  one, m1 = jax.jit(lambda s, b: train.train_step(model, opt, s, b))(
+  one, m1 = jax.jit(lambda s, b: step_lib.train_step(model, opt, s, b))(
       state, batch)
   _, _, _, state = _tiny_setup()
   state = state._replace(opt_state=opt.init(state.params))
-  two, m2 = jax.jit(lambda s, b: train.train_step(
+  two, m2 = jax.jit(lambda s, b: step_lib.train_step(
       model, opt, s, b, accum_steps=2))(state, batch)
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)

@@ -1,7 +1,7 @@
-"""The training loop (retro_jax.training.loop) in-process on 8 simulated devices:
-loss falls, sharded == one device, NaN stops with a good checkpoint kept,
-SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input fails
-before any compute."""
+"""The training loop (retro_jax.training.loop) in-process on 8 simulated
+devices: loss falls, sharded == one device, NaN stops with a good checkpoint
+kept, SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input
+fails before any compute."""
 
 import math
 import os

@@ -1,1 +1,2 @@
-"""Training: the jitted step, the loop, checkpoints, RETROfit, the memory plan and the metrics."""
+"""Training: the run config, the jitted step, the loop, checkpoints, RETROfit,
+the memory plan and the metrics."""

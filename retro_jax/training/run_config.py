@@ -68,7 +68,7 @@ def required_fields() -> Dict[str, Tuple[str, ...]]:
           for section in base.keys()}
 
 
-# -- config.json ----------------------------------------------------------------
+# -- config.json --------------------------------------------------------------
 def workdir_path(workdir: str, *parts: str) -> epath.Path:
   """A path in a run folder, local or cloud (gs://); local ones are made
   absolute."""
@@ -154,7 +154,7 @@ def upgrade_legacy_fields(values: Mapping[str, Any],
   return values
 
 
-# -- architecture check ---------------------------------------------------------
+# -- architecture check -------------------------------------------------------
 def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
   """Model fields whose values differ (lists and tuples compare equal)."""
   def norm(v):

@@ -93,7 +93,8 @@ def split_params(params: hk.Params, trainable: str = "all"
 
 
 def cross_entropy(logits: jax.Array, tokens: jax.Array,
-                  loss_mask: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+                  loss_mask: Optional[jax.Array]
+                  ) -> Tuple[jax.Array, jax.Array]:
   """Summed next-token negative log-likelihood (nats) and target count.
 
   Position t predicts token t + 1; the last position has no target and gets
