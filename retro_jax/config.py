@@ -159,7 +159,8 @@ PRESETS: dict = {
                  head_dim=16, d_ff=256, cca_layers=(2, 4), enc_d_model=64,
                  enc_num_layers=2, enc_num_heads=4, enc_head_dim=16,
                  enc_d_ff=256, attention_block=64),
-    # The shared benchmark configuration (see shared/peer/README.md).
+    # The benchmark configuration, shared with the retro-pytorch peer
+    # (benchmarks/peer/bench_retro_pytorch.py builds the same network).
     "bench": dict(vocab_size=8192, d_model=512, num_layers=6, num_heads=8,
                   head_dim=64, d_ff=2048, cca_layers=(3, 6), enc_d_model=512,
                   enc_num_layers=2, enc_num_heads=8, enc_head_dim=64,
