@@ -21,7 +21,7 @@ from retro_jax.data import train_sources
 from retro_jax.evaluation import chunk_files
 from retro_jax.retrieval import build_job
 from retro_jax.retrieval.embedder import BertEmbedder
-from retro_jax.training import checkpoints
+from retro_jax.training import run_config
 from retro_jax.training import step as train_step
 
 STEPS = 20
@@ -71,7 +71,7 @@ def _loss(cfg, params):
 @pytest.mark.slow
 def test_load_round_trips_the_checkpoint(workdir):
   run = retro_jax.load(workdir)
-  saved = json.load(open(os.path.join(workdir, checkpoints.CONFIG_FILE)))
+  saved = json.load(open(os.path.join(workdir, run_config.CONFIG_FILE)))
   assert run.step == STEPS
   assert run.model_config == retro_jax.RetroConfig.from_dict(saved["model"])
   assert run.model_config == retro_jax.RetroConfig.preset("tiny",
