@@ -1,15 +1,15 @@
 r"""Input-pipeline throughput: offline neighbour precompute and online batches.
 
-  python benchmarks/input_pipeline.py --config=configs/tasks_stdlib.py \
-      --config.max_bytes=1000000
+  python benchmarks/input_pipeline.py --config=configs/tiny.py \
+      --config.data.db_dir=runs/db --config.data.max_bytes.train=1000000
 
 1. Precompute: caches the Task's train split into a fresh temporary
-   directory (removed at the end; --config.cache_dir is left alone) and
+   directory (removed at the end; --config.data.cache_dir is left alone) and
    prints sequences/s and chunks/s (BERT embedding + search + Beam writing,
    on this machine's CPU). With --skip_precompute, the complete cache in
-   --config.cache_dir is read instead.
+   --config.data.cache_dir is read instead.
 2. Online: iterates `tasks.batches` over that cache with the `bench` shape
-   (batch 2, the config's seq_len, 512 for bench) and prints batches/s and
+   (batch 2, the config's train.seq_len, 512 for bench) and prints batches/s and
    the headroom over a training step of --step_seconds (the bench preset's
    measured step on 2 CPU cores is ~3 s): headroom = step time / batch time.
 """
@@ -28,7 +28,8 @@ from retro_jax.data import cache_job as task_cache
 from retro_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/tasks_stdlib.py", "Task config file.")
+    "config", "configs/tiny.py", "Run config file (its data, db and cache "
+    "sections name the Task).")
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch (bench: 2).")
 _STEPS = flags.DEFINE_integer("steps", 300, "Batches timed online.")
 _STEP_SECONDS = flags.DEFINE_float(
@@ -43,21 +44,21 @@ def main(argv):
   # seqio logs whole examples at INFO (every power-of-two example).
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  task = tasks.register_from_config(config, tasks.load_embedder(config))
-  results = {"task": task.name, "seq_len": config.seq_len,
-             "num_neighbours": config.num_neighbours,
-             "max_bytes": config.max_bytes}
+  task = tasks.register_from_config(config)
+  results = {"task": task.name, "seq_len": config.train.seq_len,
+             "num_neighbours": config.model.num_neighbours,
+             "max_bytes": config.data.max_bytes.train}
   scratch = (None if _SKIP_PRECOMPUTE.value else
              tempfile.mkdtemp(prefix="benchmark_pipeline_cache_"))
   try:
     if scratch is None:
-      cache_dir = config.cache_dir
+      cache_dir = config.data.cache_dir
       summary = task_cache.cached_summary(task.name, cache_dir)["train"]
     else:  # Timed into a scratch cache: the real one is never touched.
       cache_dir = scratch
       summary = tasks.cache_task(task.name, cache_dir, splits=("train",),
-                                 runner=config.runner,
-                                 num_files=config.num_files)["train"]
+                                 runner=config.cache.runner,
+                                 num_files=config.cache.num_files)["train"]
     _time_online(task, cache_dir, summary, results, config)
   finally:
     if scratch is not None:
@@ -93,9 +94,10 @@ def _time_online(task, cache_dir, summary, results, config):
   print(json.dumps(results, indent=2))
   print(f"precompute: {results['precompute']['sequences_per_s']} "
         f"sequences/s ({results['precompute']['chunks_per_s']} chunks/s) "
-        f"over {summary['sequences']} sequences of {config.seq_len} tokens")
+        f"over {summary['sequences']} sequences of {config.train.seq_len} "
+        f"tokens")
   print(f"online: {results['online']['batches_per_s']} batches/s of "
-        f"{_BATCH.value} x {config.seq_len} = "
+        f"{_BATCH.value} x {config.train.seq_len} = "
         f"{results['online']['headroom']}x a {_STEP_SECONDS.value} s step "
         f"(needs >= 10x)")
 

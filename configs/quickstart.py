@@ -48,7 +48,9 @@ def get_config():
   config.data.max_bytes.train = 2_000_000
   # Held-out text with precomputed neighbours (what evaluation scores).
   config.data.max_bytes.validation = 200_000
-  config.data.spm_path = "runs/quickstart/db/spm.model"  # The DB's vocabulary.
+  # data.spm_path stays "": the DB build trains the vocabulary at
+  # runs/quickstart/spm.model and keeps the copy in the DB that the other
+  # stages read.
   config.data.db_dir = "runs/quickstart/db"
   config.data.cache_dir = "runs/quickstart/cache"
 

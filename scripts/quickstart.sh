@@ -13,7 +13,7 @@
 #   bash scripts/quickstart.sh [--steps=N] [--data_bytes=N] [--corpus=SPEC]
 #                              [--workdir=DIR]
 #     --steps       training steps of each model (default 300, ~15 min in all
-#                   on 2 CPU cores; README: what more steps do and do not buy)
+#                   on 2 CPU cores; docs/results.md: what more steps do and do not buy)
 #     --data_bytes  corpus text in the DB and the training Task (default 2 MB;
 #                   at least ~300 kB for the 4096-piece vocabulary). A tenth
 #                   as much text of held-out files is what evaluation scores.
@@ -51,13 +51,14 @@ stage() {  # stage NAME: prints a banner and the elapsed time.
 
 VAL_BYTES=$((DATA_BYTES / 10))   # Held-out text that evaluation scores.
 # The same data fields for the DB build, the neighbour cache and training.
-# spm_path "": the DB build trains the vocabulary at $W/spm.model and keeps
-# a copy in $W/db/spm.model, which the cache job and training read.
+# configs/quickstart.py leaves data.spm_path "": the DB build trains the
+# vocabulary at $W/spm.model and keeps a copy in $W/db/spm.model, which the
+# cache job and training read.
 DATA=(--config=configs/quickstart.py --config.data.corpus="$CORPUS"
       --config.data.max_bytes.train="$DATA_BYTES"
       --config.data.max_bytes.validation="$VAL_BYTES"
       --config.db.max_bytes="$DATA_BYTES" --config.db.spm_train_bytes="$DATA_BYTES"
-      --config.data.db_dir="$W/db" --config.data.spm_path=
+      --config.data.db_dir="$W/db"
       --config.data.cache_dir="$W/cache")
 TRAIN=("${DATA[@]}" --config.train.steps="$STEPS")
 
@@ -75,7 +76,7 @@ stage "4/6 train the baseline: the same model without CCA ($STEPS steps)"
   --config.model.cca_layers="()"
 
 stage "5/6 evaluate on held-out files"
-EVAL=(--config=configs/eval.py --config.eval.tasks=task --config.eval.max_batches=64)
+EVAL=(--config=configs/eval.py:task --config.eval.max_batches=64)
 "$PY" scripts/evaluate.py "${EVAL[@]}" --workdir="$W/retro"
 "$PY" scripts/evaluate.py "${EVAL[@]}" --workdir="$W/baseline"
 
@@ -93,7 +94,7 @@ stage "done"
 "$PY" - "$W" <<'PYEOF'
 import glob, json, os, sys
 import numpy as np
-from retro_jax.evaluation import scores as evaluate
+from retro_jax.evaluation import chunk_files, intervals
 w = sys.argv[1]
 def result(run):
   path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]
@@ -104,14 +105,14 @@ print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
       f"baseline without CCA {base['retrieval_on']['bits_per_byte']:.4f}")
 # Paired over the same held-out chunks; the intervals resample sequences
 # (which text was scored), not training seeds.
-chunks = [evaluate.load_chunk_scores(r["chunk_scores"]) for r in (retro, base)]
+chunks = [chunk_files.load_chunk_scores(r["chunk_scores"]) for r in (retro, base)]
 if not all(np.array_equal(getattr(chunks[0], f), getattr(chunks[1], f))
            for f in ("targets", "bytes")):
   sys.exit(f"{w}: RETRO and the baseline were evaluated on different chunks "
            f"({retro['chunk_scores']}, {base['chunk_scores']}): no pairing")
 seq_chunks = len(chunks[0].nll_on) // retro["retrieval_gain"]["sequences"]
 for what, g in (("retrieval on vs off", retro["retrieval_gain"]),
-                ("RETRO vs baseline  ", evaluate.paired_gain(
+                ("RETRO vs baseline  ", intervals.paired_gain(
                     chunks[1].nll_on, chunks[0].nll_on, chunks[0].bytes,
                     seq_chunks))):
   print(f"  {what}: {g['bpb_gain']:+.4f} bpb saved ({100 * g['relative']:+.2f}%),"

@@ -42,7 +42,7 @@ INTENDED = {
                              "data.max_bytes.validation"},
     "quickstart.py": _SMALL_RUN | {
         "checkpoint.keep", "data.source", "data.task_name", "data.corpus",
-        "data.max_bytes.train", "data.max_bytes.validation", "data.spm_path",
+        "data.max_bytes.train", "data.max_bytes.validation",
         "data.db_dir", "data.cache_dir", "db.max_bytes", "db.vocab_size",
         "db.spm_train_bytes"},
     "retro.py": {"model", "data.source", "data.task_name", "data.corpus",

@@ -1,7 +1,7 @@
 """Tests of the frozen BERT retriever against recorded transformers outputs.
 
 tests/fixtures/minilm_reference.json was written once by
-scripts/make_bert_fixture.py (torch + transformers, outside this project's
+tools/make_bert_fixture.py (torch + transformers, outside this project's
 environment) from the same all-MiniLM-L6-v2 files the default loads.
 """
 

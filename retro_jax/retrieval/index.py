@@ -275,7 +275,7 @@ def _import_scann():
   except ImportError as e:
     raise ImportError(
         f"ScaNN could not be imported ({e}); scann 1.4.2 needs tensorflow "
-        f"2.20.* (see DESIGN.md §7)") from e
+        f"2.20.* (see docs/design.md §7)") from e
   return scann
 
 

@@ -2,7 +2,7 @@
 
 RETRO packs training sequences across documents; a retrieved chunk must not
 come from any document the sequence contains, or the model learns to copy its
-own continuation (DESIGN.md §3). `search_filtered` asks the index for more
+own continuation (docs/design.md §3). `search_filtered` asks the index for more
 candidates than needed, drops those of excluded documents, and asks again
 with twice as many for the queries left short, until k survive or the whole
 DB was searched (both searchers are exhaustive when asked for n).

@@ -3,7 +3,7 @@
 A packed sequence of n tokens is cut into L = n / m chunks; each chunk is
 detokenized, embedded by the frozen BERT, and its k nearest DB chunks are
 retrieved, excluding every document that occurs anywhere in the sequence
-(DESIGN.md §3): a sequence packed from the end of document A and the start of
+(docs/design.md §3): a sequence packed from the end of document A and the start of
 document B must not retrieve from A or B, or the model learns to copy. A
 neighbour's value is the chunk followed by its continuation (r = 2m tokens,
 `RetrievalDB.neighbour_values`); a missing neighbour is all zeros (pad).
