@@ -1,4 +1,5 @@
-"""Behavioural tests of the RETRO network (retro_jax.model.network / attention).
+"""Behavioural tests of the RETRO network (retro_jax.model: network, stack,
+layers, attention).
 
 Every check compares the model with itself under a controlled change of its
 inputs (or with a closed form derived from the config), so it fails when the
@@ -15,7 +16,7 @@ import pytest
 import retro_jax
 from retro_jax import count_params, Retro, RetroConfig
 from retro_jax.config import PAPER_TABLE2_M
-from retro_jax.model.network import gelu
+from retro_jax.model.layers import gelu
 from conftest import random_neighbours, random_tokens
 
 N = 256            # 4 chunks of m = 64.

@@ -8,47 +8,10 @@ import pytest
 
 from retro_jax.inference import sampling
 from retro_jax.config import RetroConfig
-from retro_jax.model.decoding import Decoder
 from retro_jax.model.network import Retro
 from retro_jax.retrieval import build_job as pipeline
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
-
-
-@pytest.mark.slow
-def test_decode_steps_equal_the_full_forward():
-  # Layer runs: layer_00 (single), CCA 2, layers_02_03 (scanned), CCA 5.
-  cfg = RetroConfig.preset("tiny", num_layers=5, cca_layers=(2, 5),
-                           scan_layers=True)
-  model = Retro(cfg)
-  rng = np.random.default_rng(0)
-  n = 192
-  tokens = rng.integers(1, cfg.vocab_size, (2, n)).astype(np.int32)
-  nbs = rng.integers(1, cfg.vocab_size, (2, n // 64, 2, 128)).astype(np.int32)
-  nbs[0, 1] = 0                      # A chunk without neighbours.
-  nbs[1, 2, 1, 100:] = 0             # A short continuation.
-  params = model.init(jax.random.key(0), tokens, nbs)
-  want = np.asarray(model.apply(params, tokens, nbs))  # [2, n, V]
-  decoder = Decoder(cfg)
-  state = decoder.init_state(2, n)
-  got = []
-  for pos in range(n):
-    nb = jnp.asarray(nbs[:, pos // 64]) if (pos + 1) % 64 == 0 else None
-    logits, state = decoder.step(params, state, jnp.asarray(tokens[:, pos]),
-                                 nb)
-    got.append(np.asarray(logits))
-  np.testing.assert_allclose(np.stack(got, 1), want, atol=2e-5, rtol=1e-5)
-  # Retrieval matters here, so the comparison is not vacuous.
-  off = np.asarray(model.apply(params, tokens, None))
-  assert np.abs(off[:, 64:] - want[:, 64:]).max() > 1e-3
-
-
-def test_decoder_rejects_another_k(tiny):
-  decoder = Decoder(tiny)
-  state = decoder.init_state(1, 64)
-  with pytest.raises(ValueError, match="num_neighbours=k"):
-    decoder.step({}, state, jnp.zeros((1,), jnp.int32),
-                 jnp.zeros((1, 3, 128), jnp.int32))
 
 
 def test_sample_logits_filters():

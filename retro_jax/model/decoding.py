@@ -6,17 +6,21 @@ Shape glossary:
   H: heads.           K: head width.      D: decoder width.   E: encoder width.
   V: vocabulary.      c: layers in one scanned run.
 
-`Decoder` runs the same parameters as `model.Retro` (same module names; the
-decode path is a second Haiku function over them), one position at a time:
+`Decoder` runs the same parameters as `network.Retro`, one position at a
+time, through the same wiring (`stack.decoder_logits`, with the `CachedStep`
+mode in place of `network.WholeSequence`):
 
   step(params, state, tokens [B], neighbours [B, k, r] | None)
       -> (logits [B, V] of the next token, state')
 
-The state holds, per decoder layer, the self-attention keys/values of every
-position fed so far ([B, H, T, K]); per CCA layer, the keys/values of the
-encoded neighbours of the latest completed chunk; and the first CCA layer's
-activations of the current chunk ([B, m, D]), on which the neighbour encoder
-is conditioned.
+The state holds the position to feed next ('pos') and one cache a run of
+`stack.decoder_runs` ('layers'): per decoder layer, the self-attention
+keys/values of every position fed so far ('k', 'v': [B, H, T, K], with a
+leading [c] for a scanned run); per CCA layer, the keys/values of the
+encoded neighbours of the latest completed chunk ('cca_k', 'cca_v':
+[B, H, kr, K], 'cca_valid': [B, kr]); and in the first CCA layer's cache its
+activations of the current chunk ('context': [B, m, D]), on which the
+neighbour encoder is conditioned.
 
 Retrieval timing matches the training forward (CCA shifted by m - 1): the
 neighbours of chunk u are passed with the token at position u*m + m - 1, the
@@ -35,95 +39,62 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from retro_jax.model import attention
-from retro_jax.model import network as model_lib
-from retro_jax.config import PAD_ID, RetroConfig, dtype_of
+from retro_jax.config import RetroConfig, dtype_of
+from retro_jax.model import stack
 
 State = Dict[str, Any]
+
+
+class CachedStep:
+  """`stack.Mode` of one decoding step: the token at `pos` attends to the
+  cached keys/values of the positions before it, and CCA to the cached
+  keys/values of the latest completed chunk's neighbours."""
+
+  remat = False  # Nothing differentiates a decoding step.
+
+  def __init__(self, cfg: RetroConfig, pos: jax.Array,
+               neighbours: Optional[jax.Array]):
+    """pos: int32 scalar; neighbours: [B, k, r] of the chunk `pos` ends."""
+    self.pos = pos
+    self.chunk_size = cfg.chunk_size
+    self.dtype = dtype_of(cfg.compute_dtype)
+    # CCA layers always run: before any neighbours their memory is all
+    # invalid and they add exactly zero, as in the full forward.
+    self.retrieves = cfg.has_retrieval
+    self.neighbours = (None if neighbours is None
+                       else neighbours[:, None])  # [B, 1, k, r]: one chunk.
+
+  def self_attention(self, attn, h, cache):
+    out, k, v = attn.decode(h, self.pos, cache["k"], cache["v"])  # [B, 1, D]
+    return out, {**cache, "k": k, "v": v}
+
+  def chunk_context(self, x, cache):
+    """Writes x [B, 1, D] into the current chunk's activations [B, m, D]."""
+    ctx = jax.lax.dynamic_update_slice(
+        cache["context"], x.astype(cache["context"].dtype),
+        (0, self.pos % self.chunk_size, 0))  # [B, m, D]
+    return ctx.astype(self.dtype), {**cache, "context": ctx}
+
+  def cross_attention(self, cca, h, encoded, valid, cache):
+    if encoded is not None:  # This step completes a chunk: new memory.
+      keys, values, kv_valid = cca.decode_memory(
+          encoded[:, 0], valid[:, 0])  # [B, H, kr, K] twice, [B, kr]
+      cache = {**cache, "cca_k": keys.astype(cache["cca_k"].dtype),
+               "cca_v": values.astype(cache["cca_v"].dtype),
+               "cca_valid": kv_valid}
+    out = cca.decode(h, self.pos, cache["cca_k"].astype(self.dtype),
+                     cache["cca_v"].astype(self.dtype),
+                     cache["cca_valid"])  # [B, 1, D]
+    return out, cache
 
 
 def _decode(cfg: RetroConfig, tokens: jax.Array, state: State,
             neighbours: Optional[jax.Array]) -> Tuple[jax.Array, State]:
   """Logits [B, V] at position state['pos'] and the updated state."""
-  dtype = dtype_of(cfg.compute_dtype)
-  pos = state["pos"]
-  m = cfg.chunk_size
-  embed = hk.Embed(cfg.vocab_size, cfg.d_model, name="embed",
-                   w_init=hk.initializers.TruncatedNormal(1.0))
-  table = embed.embeddings.astype(dtype)  # [V, D]
-  x = table[tokens][:, None, :]  # [B, 1, D]
-  if neighbours is not None:
-    nb_valid = neighbours != PAD_ID  # [B, k, r]
-    nb = model_lib.embed_neighbours(cfg, table, neighbours)  # [B, k, r, E]
-
-  def self_attention_block(x, k_cache, v_cache):
-    h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-    out, k_cache, v_cache = attention.SelfAttention(
-        cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
-        block=cfg.attention_block, name="self_attention").decode(
-            h, pos, k_cache, v_cache)  # [B, 1, D]
-    return x + out, k_cache, v_cache
-
-  def mlp_block(x):
-    return x + model_lib.MLP(cfg.d_ff, name="mlp")(
-        attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))  # [B, 1, D]
-
-  def plain_layer(x, k_cache, v_cache):
-    x, k_cache, v_cache = self_attention_block(x, k_cache, v_cache)
-    return mlp_block(x), (k_cache, v_cache)
-
-  new_state: State = {"pos": pos + 1, "context": state["context"],
-                      "layers": []}
-  first_cca = True
-  with hk.experimental.name_scope("decoder"):
-    for (first, count, has_cca), cache in zip(model_lib.decoder_runs(cfg),
-                                              state["layers"]):
-      cache = dict(cache)
-      if has_cca:
-        with hk.experimental.name_scope(f"layer_{first:02d}"):
-          x, cache["k"], cache["v"] = self_attention_block(
-              x, cache["k"], cache["v"])
-          if first_cca:
-            ctx = jax.lax.dynamic_update_slice(
-                state["context"], x.astype(state["context"].dtype),
-                (0, pos % m, 0))  # [B, m, D]
-            new_state["context"] = ctx
-            if neighbours is not None:
-              encoded = model_lib.NeighbourEncoder(cfg)(
-                  nb[:, None], nb_valid[:, None],
-                  ctx.astype(dtype))[:, 0]  # [B, k, r, E]
-            first_cca = False
-          cca = attention.ChunkedCrossAttention(
-              cfg.num_heads, cfg.head_dim, m, cfg.rope_base, name="cca")
-          if neighbours is not None:
-            keys, values, valid = cca.decode_memory(encoded, nb_valid)
-            cache["cca_k"] = keys.astype(cache["cca_k"].dtype)
-            cache["cca_v"] = values.astype(cache["cca_v"].dtype)
-            cache["cca_valid"] = valid
-          h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
-          x = x + cca.decode(h, pos, cache["cca_k"].astype(dtype),
-                             cache["cca_v"].astype(dtype),
-                             cache["cca_valid"])  # [B, 1, D]
-          x = mlp_block(x)
-      elif count == 1:
-        with hk.experimental.name_scope(f"layer_{first:02d}"):
-          x, (cache["k"], cache["v"]) = plain_layer(x, cache["k"], cache["v"])
-      else:
-        name = f"layers_{first:02d}_{first + count - 1:02d}"
-        x, (cache["k"], cache["v"]) = hk.layer_stack(
-            count, with_per_layer_inputs=True, name=name)(plain_layer)(
-                x, cache["k"], cache["v"])  # caches [c, B, H, T, K]
-      new_state["layers"].append(cache)
-
-  x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(x)  # [B, 1, D]
-  if cfg.tie_output:
-    logits = attention.dense(x, table.T)  # [B, 1, V]
-  else:
-    with hk.experimental.name_scope("output"):
-      w = attention.param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
-                           dtype)  # [D, V]
-    logits = attention.dense(x, w)  # [B, 1, V]
-  return logits[:, 0].astype(jnp.float32), new_state
+  mode = CachedStep(cfg, state["pos"], neighbours)
+  logits, layers = stack.decoder_logits(
+      cfg, tokens[:, None], mode, state["layers"])  # [B, 1, V]
+  return logits[:, 0], {"pos": state["pos"] + 1, "layers": layers}
 
 
 class Decoder:
@@ -147,8 +118,9 @@ class Decoder:
     cache_dtype = dtype_of(c.compute_dtype)
     kv = (batch, c.num_heads, max_len, c.head_dim)  # [B, H, T, K]
     kr = c.num_neighbours * c.neighbour_len
+    first_cca = min(c.cca_layer_indices, default=None)
     layers: List[Dict[str, jax.Array]] = []
-    for _, count, has_cca in model_lib.decoder_runs(c):
+    for first, count, has_cca in stack.decoder_runs(c):
       shape = kv if count == 1 else (count,) + kv  # CCA runs have 1.
       cache = {"k": jnp.zeros(shape, cache_dtype),
                "v": jnp.zeros(shape, cache_dtype)}
@@ -157,11 +129,11 @@ class Decoder:
         cache.update(cca_k=jnp.zeros(mem, cache_dtype),
                      cca_v=jnp.zeros(mem, cache_dtype),
                      cca_valid=jnp.zeros((batch, kr), bool))
+      if first == first_cca:  # The activations the encoder reads.
+        cache["context"] = jnp.zeros((batch, c.chunk_size, c.d_model),
+                                     cache_dtype)  # [B, m, D]
       layers.append(cache)
-    return {"pos": jnp.zeros((), jnp.int32),
-            "context": jnp.zeros((batch, c.chunk_size, c.d_model),
-                                 cache_dtype),
-            "layers": layers}
+    return {"pos": jnp.zeros((), jnp.int32), "layers": layers}
 
   def step(self, params: hk.Params, state: State, tokens: jax.Array,
            neighbours: Optional[jax.Array] = None) -> Tuple[jax.Array, State]:

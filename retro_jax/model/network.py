@@ -6,13 +6,9 @@ Shape glossary:
   k: neighbours.       r: tokens per neighbour (chunk + continuation).
   D: decoder width.    E: encoder width.      V: vocabulary.
 
-Data flow (paper §2, App. B), pre-norm RMSNorm everywhere:
-
-  tokens [B, N] ─ embed ─► decoder layer 1 … n_layers ─ norm ─ logits [B, N, V]
-  each layer: x += SelfAttn(norm x); [CCA layer: x += CCA(norm x, enc)];
-              x += MLP(norm x)
-  at the first CCA layer the encoder runs once on the neighbours [B, L, k, r],
-  conditioned on that layer's post-attention activations of each chunk.
+The wiring of the layers (embedding, self-attention, CCA, MLP, logits) is
+`stack.decoder_logits`; here it runs over whole sequences (`WholeSequence`),
+as `decoding.Decoder` runs it one cached token at a time.
 
 Padding (token id 0) in `neighbours` is masked everywhere; a chunk whose
 neighbours are all padding receives exactly zero from every CCA layer, so the
@@ -28,229 +24,49 @@ it and skip 1/L of the encoder and CCA work, with every other logit the same.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax.model import attention
-from retro_jax.core import sharding
-from retro_jax.config import PAD_ID, RetroConfig, dtype_of
-
-_SQRT_2_OVER_PI = 0.7978845608028654
+from retro_jax.config import RetroConfig
+from retro_jax.model import stack
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-  """tanh-approximate GELU, equal to `jax.nn.gelu(x)`, whose backward pass
-  recomputes tanh from x instead of keeping it.
+class WholeSequence:
+  """`stack.Mode` of the full forward: causal self-attention over all N
+  tokens and CCA of every chunk to its encoded neighbours at once."""
 
-  Autodiff of `jax.nn.gelu` stores tanh(.) as a second [..., F] residual
-  beside x and reads both back; recomputing it costs a few vector ops and
-  saves two of the five passes over the largest activation of the block.
-  """
-  return jax.nn.gelu(x)
+  remat = True  # A backward pass may follow (training).
 
+  def __init__(self, cfg: RetroConfig, neighbours: Optional[jax.Array],
+               retrieve_for_last_position: bool = True):
+    """neighbours: [B, L, k, r] ids, or None to switch retrieval off."""
+    retrieves = neighbours is not None and cfg.has_retrieval
+    if retrieves and not retrieve_for_last_position:
+      neighbours = neighbours[:, :-1]  # [B, L-1, k, r]: those CCA reads.
+      retrieves = neighbours.shape[1] > 0
+    self.retrieves = retrieves
+    self.neighbours = neighbours if retrieves else None
 
-def _gelu_fwd(x):
-  return jax.nn.gelu(x), x
+  def self_attention(self, attn, h, cache):
+    return attn(h), cache  # [B, N, D]
 
+  def chunk_context(self, x, cache):
+    return x, cache  # [B, N, D]: the encoder reads each chunk's m rows.
 
-def _gelu_bwd(x, g):
-  inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-  t = jnp.tanh(inner)
-  slope = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-  return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * slope),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-@dataclasses.dataclass
-class MLP(hk.Module):
-  """Feed-forward block: D -> F (GELU) -> D, no biases."""
-
-  d_ff: int
-  name: Optional[str] = None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    w_in = attention.param("w_in", [d, self.d_ff], d, x.dtype)  # [D, F]
-    w_out = attention.param("w_out", [self.d_ff, d], self.d_ff, x.dtype)
-    h = gelu(attention.dense(x, w_in))  # [..., F]
-    return attention.dense(h, w_out)  # [..., D]
-
-
-class NeighbourEncoder(hk.Module):
-  """Bidirectional encoder of retrieved neighbours (paper §2.4).
-
-  Each neighbour's r tokens attend to each other; the layers listed in
-  `enc_cross_attention_layers` also attend to the decoder activations of the
-  chunk the neighbour was retrieved for.
-  """
-
-  def __init__(self, cfg: RetroConfig, name: Optional[str] = "encoder"):
-    super().__init__(name=name)
-    self.cfg = cfg
-
-  def __call__(self, x: jax.Array, valid: jax.Array,
-               context: jax.Array) -> jax.Array:
-    """Encodes neighbours.
-
-    Args:
-      x: [B, L, k, r, E] embedded neighbour tokens.
-      valid: bool [B, L, k, r], False at padding.
-      context: [B, N, D] decoder activations at the first CCA layer (only
-        the first L chunks are read).
-    Returns:
-      [B, L, k, r, E] encoded neighbours.
-    """
-    c = self.cfg
-    b, l, nk, r, e = x.shape
-    ctx = context[:, :l * c.chunk_size].reshape(
-        b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
-    x = x.reshape(b * l * nk, r, e)  # [BLk, r, E]
-    flat_valid = valid.reshape(b * l * nk, r)  # [BLk, r]
-    for i in range(c.enc_num_layers):
-      with hk.experimental.name_scope(f"layer_{i:02d}"):
-        x = x + attention.SelfAttention(
-            c.enc_num_heads, c.enc_head_dim, causal=False,
-            rope_base=c.rope_base, name="self_attention")(
-                attention.RMSNorm(c.norm_eps, name="attn_norm")(x),
-                key_valid=flat_valid)  # [BLk, r, E]
-        if i + 1 in c.enc_cross_attention_layers:
-          q = attention.RMSNorm(c.norm_eps, name="cross_norm")(x)
-          kv = attention.RMSNorm(c.norm_eps, name="context_norm")(ctx)
-          y = attention.NeighbourCrossAttention(
-              c.enc_num_heads, c.enc_head_dim, name="cross_attention")(
-                  q.reshape(b, l, nk * r, e), kv)  # [B, L, kr, E]
-          x = x + y.reshape(b * l * nk, r, e)
-        x = x + MLP(c.enc_d_ff, name="mlp")(
-            attention.RMSNorm(c.norm_eps, name="mlp_norm")(x))  # [BLk, r, E]
-    x = attention.RMSNorm(c.norm_eps, name="final_norm")(x)
-    return x.reshape(b, l, nk, r, e)  # [B, L, k, r, E]
-
-
-def decoder_runs(cfg: RetroConfig) -> List[Tuple[int, int, bool]]:
-  """Groups decoder layers into (first, count, has_cca) runs.
-
-  Every CCA layer is its own run; the plain layers between them form one run
-  each, which `scan_layers` turns into one `hk.layer_stack` (a scan: one
-  layer body to compile however deep the run).
-  """
-  runs, i = [], 0
-  cca = set(cfg.cca_layer_indices)
-  while i < cfg.num_layers:
-    if i in cca:
-      runs.append((i, 1, True))
-      i += 1
-      continue
-    j = i
-    while j < cfg.num_layers and j not in cca:
-      j += 1
-    if cfg.scan_layers:
-      runs.append((i, j - i, False))
-    else:
-      runs.extend((k, 1, False) for k in range(i, j))
-    i = j
-  return runs
-
-
-def _remat(cfg: RetroConfig, fn):
-  if cfg.remat == "none":
-    return fn
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            if cfg.remat == "dots" else None)
-  return hk.remat(fn, policy=policy)
-
-
-def embed_neighbours(cfg: RetroConfig, table: jax.Array,
-                     neighbours: jax.Array) -> jax.Array:
-  """Encoder input [..., r, E] of neighbour ids [..., r]: the decoder's
-  embedding table [V, D] (projected to E if the widths differ) or the
-  encoder's own table. Call at the top level of the transformed function."""
-  dtype = table.dtype
-  if cfg.share_embeddings:
-    nb = table[neighbours]  # [..., r, D]
-    if cfg.enc_d_model != cfg.d_model:
-      with hk.experimental.name_scope("enc_embed_proj"):
-        w = attention.param("w", [cfg.d_model, cfg.enc_d_model],
-                             cfg.d_model, dtype)  # [D, E]
-      nb = attention.dense(nb, w)  # [..., r, E]
-    return nb
-  return hk.Embed(cfg.vocab_size, cfg.enc_d_model, name="enc_embed",
-                  w_init=hk.initializers.TruncatedNormal(1.0)
-                  )(neighbours).astype(dtype)  # [..., r, E]
+  def cross_attention(self, cca, h, encoded, valid, cache):
+    return cca(h, encoded, valid), cache  # [B, N, D]
 
 
 def _forward(cfg: RetroConfig, tokens: jax.Array,
              neighbours: Optional[jax.Array],
              retrieve_for_last_position: bool = True) -> jax.Array:
   """Logits [B, N, V] (float32) of tokens [B, N] given neighbours [B, L, k, r]."""
-  dtype = dtype_of(cfg.compute_dtype)
-  embed = hk.Embed(cfg.vocab_size, cfg.d_model, name="embed",
-                   w_init=hk.initializers.TruncatedNormal(1.0))
-  table = embed.embeddings.astype(dtype)  # [V, D]
-  x = sharding.constrain(table[tokens], ("batch", "length", "embed"))
-
-  retrieve = neighbours is not None and cfg.has_retrieval
-  if retrieve and not retrieve_for_last_position:
-    neighbours = neighbours[:, :-1]  # [B, L-1, k, r]: those CCA reads.
-    retrieve = neighbours.shape[1] > 0
-  if retrieve:
-    valid = neighbours != PAD_ID  # [B, L, k, r]
-    nb = embed_neighbours(cfg, table, neighbours)  # [B, L, k, r, E]
-
-  def self_attention_block(x):                                  # [B, N, D]
-    h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
-    return x + attention.SelfAttention(
-        cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
-        block=cfg.attention_block, name="self_attention")(h)
-
-  def mlp_block(x):                                             # [B, N, D]
-    x = x + MLP(cfg.d_ff, name="mlp")(
-        attention.RMSNorm(cfg.norm_eps, name="mlp_norm")(x))
-    return sharding.constrain(x, ("batch", "length", "embed"))
-
-  def plain_layer(x):
-    return mlp_block(self_attention_block(x))
-
-  def cca_layer(x, encoded):
-    x = self_attention_block(x)
-    if retrieve:
-      if encoded is None:
-        encoded = NeighbourEncoder(cfg)(nb, valid, x)           # [B, L, k, r, E]
-      h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
-      x = x + attention.ChunkedCrossAttention(
-          cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-          cfg.zero_init_cca, name="cca")(h, encoded, valid)     # [B, N, D]
-    return mlp_block(x), encoded
-
-  encoded = None
-  with hk.experimental.name_scope("decoder"):
-    for first, count, has_cca in decoder_runs(cfg):
-      if has_cca:
-        with hk.experimental.name_scope(f"layer_{first:02d}"):
-          x, encoded = _remat(cfg, cca_layer)(x, encoded)
-      elif count == 1:
-        with hk.experimental.name_scope(f"layer_{first:02d}"):
-          x = _remat(cfg, plain_layer)(x)
-      else:
-        name = f"layers_{first:02d}_{first + count - 1:02d}"
-        x = hk.layer_stack(count, name=name)(_remat(cfg, plain_layer))(x)
-
-  x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(x)  # [B, N, D]
-  if cfg.tie_output:
-    logits = attention.dense(x, table.T)  # [B, N, V]
-  else:
-    with hk.experimental.name_scope("output"):
-      w = attention.param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
-                           dtype)  # [D, V]
-    logits = attention.dense(x, w)  # [B, N, V]
-  return logits.astype(jnp.float32)
+  mode = WholeSequence(cfg, neighbours, retrieve_for_last_position)
+  return stack.decoder_logits(cfg, tokens, mode)[0]
 
 
 def check_inputs(cfg: RetroConfig, tokens, neighbours) -> None:
