@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 ABSL_SCRIPTS = sorted(glob.glob(os.path.join(REPO_ROOT, "benchmarks", "*.py")))
 ARGPARSE_SCRIPTS = sorted(
     glob.glob(os.path.join(REPO_ROOT, "benchmarks", "peer", "*.py")) +

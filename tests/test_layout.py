@@ -108,3 +108,45 @@ def test_design_doc_states_the_layers():
   positions = [text.find(f"`{role}/`") if role != "config" else
                text.find("`config.py`") for layer in LAYERS for role in layer]
   assert all(p >= 0 for p in positions), positions
+
+
+def _is_slow(decorators) -> bool:
+  return any("slow" in ast.unparse(d) for d in decorators)
+
+
+def _fast_test_files():
+  """Test files with at least one test not marked slow, and the retro_jax
+  modules each imports."""
+  tests_dir = os.path.join(REPO_ROOT, "tests")
+  for root, _, names in os.walk(tests_dir):
+    for name in names:
+      if not (name.startswith("test_") and name.endswith(".py")):
+        continue
+      path = os.path.join(root, name)
+      tree = ast.parse(open(path, encoding="utf-8").read(), path)
+      marked = any(isinstance(n, ast.Assign) and "pytestmark" in ast.unparse(n)
+                   and "slow" in ast.unparse(n) for n in tree.body)
+      fast = not marked and any(
+          isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+          and not _is_slow(n.decorator_list) for n in tree.body)
+      if fast:
+        modules = set()
+        for node in ast.walk(tree):
+          if isinstance(node, ast.ImportFrom) and node.module and (
+              node.module.startswith("retro_jax")):
+            modules.add(node.module)
+            modules.update(f"{node.module}.{a.name}" for a in node.names)
+          elif isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        yield path, modules
+
+
+def test_every_module_has_a_fast_test():
+  """Each module of the package is imported by a test file that has a test
+  outside the slow tier, so `pytest -m "not slow"` exercises all of them."""
+  imported = set()
+  for _, modules in _fast_test_files():
+    imported |= modules
+  untested = [module for path, module in _modules()
+              if not path.endswith("__init__.py") and module not in imported]
+  assert not untested, untested

@@ -1,4 +1,4 @@
-r"""Records reference BERT embeddings for tests/test_embedder.py.
+r"""Records reference BERT embeddings for tests/retrieval/test_embedder.py.
 
 Run once, in an environment with torch + transformers (NOT a dependency of
 retro_jax; its own environment has neither; benchmarks/peer/setup.sh

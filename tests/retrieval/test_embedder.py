@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from conftest import REPO_ROOT
 from retro_jax.retrieval import embedder as embedder_lib
 from retro_jax.retrieval.embedder import BertConfig, BertEmbedder
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures",
+FIXTURE = os.path.join(REPO_ROOT, "tests", "fixtures",
                        "minilm_reference.json")
 _SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                 "vocab.txt")
