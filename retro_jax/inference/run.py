@@ -53,6 +53,9 @@ class Run(loaded_run.LoadedRun):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self._samplers: Dict[int, sampling.Sampler] = {}  # By k.
+    # Compiled once per input shape: Haiku's apply run eagerly dispatches
+    # every op on its own, many times slower for repeated calls.
+    self._apply = jax.jit(self.model.apply)
 
   # -- retrieval --------------------------------------------------------------
   def retrieve(self, texts: Sequence[str], k: Optional[int] = None
@@ -68,8 +71,8 @@ class Run(loaded_run.LoadedRun):
              neighbours: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 [B, N, V] for tokens [B, N] (N a multiple of m) and
     neighbours [B, N // m, k, r] (None: retrieval off)."""
-    return np.asarray(self.model.apply(self.params, np.asarray(tokens),
-                                       neighbours))
+    return np.asarray(self._apply(self.params, np.asarray(tokens),
+                                  neighbours))
 
   def encode(self, text: str) -> List[int]:
     self.need_tokenizer()

@@ -1,5 +1,6 @@
-"""The DB build command end to end on a small slice of the standard library:
-real SentencePiece training, real BERT, real index, then a query."""
+"""The DB build (retrieval.build_job, scripts/build_db.py) end to end on a
+small slice of the standard library: real SentencePiece training, real BERT,
+real index, then a query."""
 
 import importlib.util
 import json
