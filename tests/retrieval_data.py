@@ -13,6 +13,7 @@ import os
 from typing import List, Tuple
 
 import numpy as np
+import pytest
 
 from retro_jax.corpus.sources import python_stdlib
 from retro_jax.retrieval.embedder import BertEmbedder
@@ -67,3 +68,15 @@ def load(request) -> Tuple[List[str], np.ndarray, np.ndarray]:
     cache_dir = str(request.getfixturevalue("tmp_path_factory").mktemp(
         "embeddings"))
   return texts, docs, embed_cached(texts, cache_dir)
+
+
+# Fixtures of the index and neighbour tests, shared by the session so the
+# library is read and embedded once.
+@pytest.fixture(scope="session")
+def data(request):
+  return load(request)
+
+
+@pytest.fixture(scope="session")
+def embeddings(data):  # pylint: disable=redefined-outer-name
+  return data[2]

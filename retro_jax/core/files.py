@@ -35,8 +35,9 @@ def tmp_name(path: PathLike) -> str:
 
 
 def _fsync_dir(directory: str) -> None:
-  """Makes a rename in `directory` durable (best effort: not every file
-  system lets a directory be opened)."""
+  """Makes a rename in `directory` durable: the rename is on disk only once
+  the directory entry is (best effort: not every file system lets a
+  directory be opened)."""
   try:
     fd = os.open(directory, os.O_RDONLY)
   except OSError:
@@ -62,7 +63,13 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, os.fspath(path))
+  commit(tmp, path)
+
+
+def commit(tmp: PathLike, path: PathLike) -> None:
+  """Renames a fully written (and fsynced) local temporary file into place,
+  durably: for writers that stream a large file to `tmp_name(path)` first."""
+  os.replace(os.fspath(tmp), os.fspath(path))
   _fsync_dir(os.path.dirname(os.path.abspath(os.fspath(path))))
 
 

@@ -155,15 +155,10 @@ class Run(loaded_run.LoadedRun):
 def load(workdir: str, step: Optional[int] = None, mesh=None, *,
          db_dir: Optional[str] = None, spm_path: Optional[str] = None,
          embedder=None) -> Run:
-  """Loads a training run's checkpoint for research.
+  """Loads a training run's checkpoint for research (the arguments are
+  those of `LoadedRun.load`: the workdir, a step, a mesh, and a DB, a
+  vocabulary or an embedder in place of the run's).
 
-  Args:
-    workdir: the run folder written by scripts/train.py.
-    step: a checkpoint step (default: the latest).
-    mesh: restore the params sharded onto this mesh (default: one device).
-    db_dir: a retrieval DB to use instead of the run's (same vocabulary).
-    spm_path: a SentencePiece model to use instead of the run's.
-    embedder: a BertEmbedder (default: the DB's default, loaded on use).
   Returns:
     A `Run`: .config, .model_config, .model, .params, .step, .tokenizer,
     .db, .searcher, and generate / evaluate / logits / retrieve.

@@ -35,6 +35,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.config import CHUNK_SIZE, PAD_ID
+from retro_jax.core import files
 from retro_jax.corpus import vocab
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db_format as fmt
@@ -302,7 +303,7 @@ def _embed_shard(sdir: str, chunks: Dict[str, Any], sp, embedder,
                    allow_pickle=False)  # [n, m]
   n = len(tokens)
   path = os.path.join(sdir, fmt.EMBEDDINGS)
-  tmp = fmt.tmp_path(path)
+  tmp = files.tmp_name(path)
   # Written in place through a memmap: a shard's vectors never sit in RAM.
   out = np.lib.format.open_memmap(tmp, mode="w+", dtype=want["dtype"],
                                   shape=(n, embedder.dim))  # [n, D]
@@ -315,7 +316,7 @@ def _embed_shard(sdir: str, chunks: Dict[str, Any], sp, embedder,
   del out
   with open(tmp, "rb+") as f:
     os.fsync(f.fileno())
-  fmt.commit(tmp, path)
+  files.commit(tmp, path)
   fmt.write_json_atomic(record_path, dict(
       want, num_chunks=n, dim=embedder.dim,
       tokens_sha256=chunks["files"][fmt.TOKENS]["sha256"],

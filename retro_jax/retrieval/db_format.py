@@ -84,31 +84,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _fsync_dir(path: str) -> None:
-  # The rename itself is durable only once the directory entry is on disk.
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def tmp_path(path: str) -> str:
-  """The temporary name a file is written under before `commit`."""
-  return files.tmp_name(path)
-
-
-def commit(tmp: str, path: str) -> None:
-  """Renames a fully written (and fsynced) temporary file into place."""
-  os.replace(tmp, path)
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def write_bytes_atomic(path: str, data: bytes) -> Dict[str, Any]:
   """Writes `data` to `path` via a temporary name (core.files.write_bytes);
   returns its file record {"sha256", "bytes"}."""

@@ -3,22 +3,13 @@
 import numpy as np
 import pytest
 
-import retrieval_data
+# The shared fixtures of real stdlib embeddings.
+from retrieval_data import data, embeddings  # pylint: disable=unused-import
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval.embedder import BertEmbedder
 from retro_jax.retrieval.index import ExactSearcher
 from retro_jax.retrieval.neighbours import (Neighbours, Retriever,
                                             search_filtered)
-
-
-@pytest.fixture(scope="module")
-def data(request):
-  return retrieval_data.load(request)
-
-
-@pytest.fixture(scope="module")
-def embeddings(data):
-  return data[2]
 
 
 class CountingSearcher:
