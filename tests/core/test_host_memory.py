@@ -54,6 +54,7 @@ def _probe(mode: str) -> dict:
 @pytest.mark.skipif(host_memory.accelerator_present() or
                     not sys.platform.startswith("linux"),
                     reason="applies to glibc hosts without an accelerator")
+@pytest.mark.slow
 def test_kept_memory_removes_the_page_faults_of_each_execution():
   plain = _probe("plain")
   kept = _probe("keep")

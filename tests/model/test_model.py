@@ -88,6 +88,7 @@ def test_all_padding_neighbours_equal_retrieval_off(setup, tiny):
   assert np.max(np.abs(on - off)) > 1e-3, "retrieval has no effect at all"
 
 
+@pytest.mark.slow
 def test_skipping_last_position_retrieval_equals_padding_last_chunk(
     setup, tiny):
   """retrieve_for_last_position=False is the model with the last chunk's
@@ -112,6 +113,7 @@ def test_skipping_last_position_retrieval_equals_padding_last_chunk(
       np.asarray(model.apply(params, one, None)), **TIGHT)
 
 
+@pytest.mark.slow
 def test_zero_init_cca_starts_as_the_baseline(tiny):
   """With zero-initialised CCA outputs a fresh RETRO computes its baseline:
   the logits ignore the neighbours, and the first gradient reaches the CCA
@@ -276,6 +278,7 @@ def test_param_counts_near_paper_table2(capsys):
 
 
 # -- precision and rematerialisation -------------------------------------------------
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(setup, tiny):
   _, params, apply, tokens, neighbours = setup
   f32 = np.asarray(apply(params, tokens, neighbours))
@@ -325,6 +328,7 @@ def test_bench_preset_logits_shape():
   assert out.shape == (2, 512, 8192) and out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_scanned_layers_equal_unrolled(tiny):
   """`scan_layers` stacks runs of plain layers; with the same weights it must
   compute exactly what the unrolled decoder computes."""

@@ -26,6 +26,7 @@ def brute_force(db, queries, k):
   return ids, np.take_along_axis(d, ids, axis=1)
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_fixture_is_real_text(data):
   texts, docs, vecs = data
   assert len(texts) == len(set(texts)) == len(vecs) == 3000
@@ -33,6 +34,7 @@ def test_fixture_is_real_text(data):
   assert len(np.unique(docs)) > 300  # Spread over the whole library.
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_exact_equals_brute_force(embeddings):
   queries = embeddings[::301] + 0.01 * np.random.default_rng(0).standard_normal(
       (10, embeddings.shape[1])).astype(np.float32)  # Off the DB points.
@@ -45,6 +47,7 @@ def test_exact_equals_brute_force(embeddings):
   assert ids[-2, 0] == 5 and ids[-1, 0] == 77
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_exact_blocks_and_padding(embeddings, monkeypatch):
   db = embeddings[:500]
   q = embeddings[500:520]
@@ -58,6 +61,7 @@ def test_exact_blocks_and_padding(embeddings, monkeypatch):
   assert sorted(ids[0, :5]) == list(range(5))
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_scann_recall(embeddings, scann_index):
   """The size rule alone (no calibration) reaches recall@10 >= 0.95 on
   queries other than those build_index calibrated on (seed 0)."""
@@ -76,6 +80,7 @@ def test_scann_recall(embeddings, scann_index):
   np.testing.assert_allclose(dists, true, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_calibrate_searches_more_leaves(embeddings, scann_index):
   low = scann_index.with_leaves_to_search(2)
   assert index_lib.measure_recall(low, embeddings, 300, seed=1) < 0.9
@@ -87,6 +92,7 @@ def test_calibrate_searches_more_leaves(embeddings, scann_index):
   assert index_lib.measure_recall(tuned, embeddings, 1000, seed=1) >= 0.93
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_scann_exhaustive_when_asked_for_everything(embeddings, scann_index):
   n = len(embeddings)
   ids, dists = scann_index.search(embeddings[:3], n + 5)
@@ -97,6 +103,7 @@ def test_scann_exhaustive_when_asked_for_everything(embeddings, scann_index):
     np.testing.assert_array_equal(row[:20], exact[:20])
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_build_index_size_rule(embeddings):
   assert isinstance(index_lib.build_index(embeddings), ExactSearcher)
   assert isinstance(index_lib.build_index(embeddings, exact_below=1000),
@@ -125,6 +132,7 @@ def test_recall_at_k():
                                3) == pytest.approx(3 / 5)
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_save_load_round_trip_and_move(embeddings, scann_index, tmp_path):
   queries = embeddings[1000:1100]
   want = scann_index.search(queries, 10)
@@ -148,6 +156,7 @@ def test_save_load_round_trip_and_move(embeddings, scann_index, tmp_path):
   assert json.loads((moved / "index.json").read_text())["kind"] == "exact"
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_exact_save_load(embeddings, tmp_path):
   index_lib.save(ExactSearcher(embeddings), str(tmp_path / "exact"))
   assert os.listdir(tmp_path / "exact") == ["index.json"]
@@ -159,6 +168,7 @@ def test_exact_save_load(embeddings, tmp_path):
     index_lib.load(str(tmp_path / "exact"), embeddings[:10])
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_interrupted_save_is_never_loaded(embeddings, scann_index, tmp_path,
                                           monkeypatch):
   def crash(path, obj, indent=1):
@@ -181,6 +191,7 @@ def test_load_missing_dir(tmp_path):
     index_lib.load(missing)
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_queries_per_second(embeddings, scann_index):
   """Information only (not asserted): ScaNN vs exact on 1000 queries."""
   queries = embeddings[:1000]

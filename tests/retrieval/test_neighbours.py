@@ -69,6 +69,7 @@ def documents(kind, data, rng):
   return ExactSearcher(centres).search(data[2], 1)[0][:, 0]
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 @pytest.mark.parametrize("doc_kind", ["random", "files", "clustered"])
 def test_exact_filtering_equals_brute_force(data, embeddings, doc_kind):
   rng = np.random.default_rng(len(doc_kind))
@@ -86,6 +87,7 @@ def test_exact_filtering_equals_brute_force(data, embeddings, doc_kind):
     assert len(searcher.calls) > 1 and searcher.calls[1][0] < 300
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_scann_filtering(data, embeddings):
   rng = np.random.default_rng(2)
   docs = documents("clustered", data, rng)
@@ -99,6 +101,7 @@ def test_scann_filtering(data, embeddings):
   assert recall >= 0.9
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_exclusion_of_almost_everything_pads(embeddings):
   n = len(embeddings)
   docs = np.zeros(n, np.int64)
@@ -112,6 +115,7 @@ def test_exclusion_of_almost_everything_pads(embeddings):
   assert searcher.calls[-1][1] == n  # Doubled until the whole DB.
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_no_exclusion_is_plain_search(embeddings):
   nb = search_filtered(ExactSearcher(embeddings), embeddings[:20], 4,
                        lambda ids: ids, [()] * 20)
@@ -122,6 +126,7 @@ def test_no_exclusion_is_plain_search(embeddings):
                     lambda ids: ids, [()])
 
 
+@pytest.mark.slow  # Real BERT embeddings of 3000 chunks.
 def test_retriever(data, embeddings):
   texts, docs, _ = data
   n = len(texts)
@@ -148,3 +153,21 @@ def test_retriever(data, embeddings):
   assert (values[0, :2] == tokens[nb.ids[0, :2]]).all()
   with pytest.raises(ValueError, match="no embedder"):
     small.retrieve_texts(["x"], k=1)
+
+
+def test_filtering_on_synthetic_clusters():
+  """The fast tier's check of search_filtered: 40 tight clusters of random
+  vectors, one document each, so excluding a query's own document forces a
+  second, wider search; the result equals brute force."""
+  rng = np.random.default_rng(0)
+  centres = rng.standard_normal((40, 16)).astype(np.float32)
+  docs = np.repeat(np.arange(40), 25)                            # [1000]
+  db = centres[docs] + 0.01 * rng.standard_normal((1000, 16)).astype(
+      np.float32)                                                # [1000, 16]
+  queries, exclude = random_case(db, docs, rng, num_queries=50)
+  searcher = CountingSearcher(ExactSearcher(db))
+  nb = search_filtered(searcher, queries, 10, lambda ids: docs[ids], exclude)
+  check_filtered(nb, docs, exclude, 10)
+  np.testing.assert_array_equal(
+      nb.ids, filtered_brute_force(db, docs, queries, 10, exclude))
+  assert len(searcher.calls) > 1  # The first candidates were not enough.

@@ -31,6 +31,7 @@ def test_cross_entropy_equals_direct_sum():
   np.testing.assert_allclose(float(nll), want_sum, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_gradients_equal_those_of_full_retrieval():
   """The train loss skips the last chunk's neighbours; its value and every
   gradient equal the loss computed with them (no target sees them)."""
