@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import retro_jax
-from retro_jax.evaluation import scores as evaluate
+from retro_jax.evaluation import scores
 from retro_jax.inference import sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
@@ -68,7 +68,7 @@ def main(argv):
         f"{jax.devices()[0].platform} device(s)", flush=True)
 
   # -- 1. evaluation --------------------------------------------------------------
-  token_nll = evaluate.make_token_nll(model)
+  token_nll = scores.make_token_nll(model)
   jax.block_until_ready(token_nll(params, tokens, nbs))
   jax.block_until_ready(token_nll(params, tokens, None))
   t = median_time(lambda: token_nll(params, tokens, nbs), _REPEATS.value)
@@ -77,7 +77,7 @@ def main(argv):
   table = np.ones(cfg.vocab_size, np.int64)
   batches = [{"tokens": tokens, "neighbours": nbs}] * _EVAL_BATCHES.value
   t0 = time.perf_counter()
-  evaluate.evaluate_batches(model, params, batches, table,
+  scores.evaluate_batches(model, params, batches, table,
                             token_nll=token_nll)
   t = time.perf_counter() - t0
   print(f"evaluate_batches (on + off + leakage): "

@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from retro_jax.data import cache_job as task_cache
+from retro_jax.data import cache_job
 from retro_jax.data import tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -53,7 +53,7 @@ def main(argv):
   try:
     if scratch is None:
       cache_dir = config.data.cache_dir
-      summary = task_cache.cached_summary(task.name, cache_dir)["train"]
+      summary = cache_job.cached_summary(task.name, cache_dir)["train"]
     else:  # Timed into a scratch cache: the real one is never touched.
       cache_dir = scratch
       summary = tasks.cache_task(task.name, cache_dir, splits=("train",),

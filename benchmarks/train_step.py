@@ -62,9 +62,9 @@ import numpy as np
 
 import retro_jax
 from retro_jax.model import flops
-from retro_jax.training import metrics as progress
+from retro_jax.training import metrics as metrics_lib
 from retro_jax.core import sharding
-from retro_jax.training import step as train
+from retro_jax.training import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py",
                                           "Benchmark config file.")
@@ -102,18 +102,18 @@ class OurStep:
     self.cfg = retro_jax.RetroConfig.from_dict(config.model)
     tc = config.train
     self.model = retro_jax.Retro(self.cfg)
-    self.optimizer = train.make_optimizer(
+    self.optimizer = step_lib.make_optimizer(
         tc.learning_rate, tc.warmup_steps, tc.total_steps,
         weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
     self.mesh = sharding.make_mesh(dict(config.mesh))
     host = random_batch(self.cfg, tc.batch_size, tc.seq_len, tc.seed)
     self.batch = sharding.global_batch(host, self.mesh)
-    _, state_sh, _ = train.state_shardings(self.model, self.optimizer,
+    _, state_sh, _ = step_lib.state_shardings(self.model, self.optimizer,
                                            self.mesh, self.batch)
-    self.state = train.init_sharded_state(
+    self.state = step_lib.init_sharded_state(
         self.model, self.optimizer, state_sh,
         jax.random.key(tc.seed), self.batch)
-    self.step = train.jit_train_step(self.model, self.optimizer, self.mesh,
+    self.step = step_lib.jit_train_step(self.model, self.optimizer, self.mesh,
                                      state_sh, self.batch)
     self.params = retro_jax.count_params(self.state.params)
     self.tokens_per_step = tc.batch_size * tc.seq_len
@@ -178,7 +178,7 @@ def main(argv):
   t0 = time.perf_counter()
   ours.run(config.bench.warmup)
   log(f"[retro_jax] compile + warmup {time.perf_counter() - t0:.1f} s")
-  peak = progress.matmul_peak_flops() / 1e9   # float32 GFLOP/s.
+  peak = metrics_lib.matmul_peak_flops() / 1e9   # float32 GFLOP/s.
   log(f"[retro_jax] float32 matmul peak {peak:.1f} GFLOP/s")
 
   our_times, peer_runs = [], []

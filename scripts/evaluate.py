@@ -36,8 +36,7 @@ def main(argv):
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   from retro_jax.evaluation import job  # pylint: disable=g-import-not-at-top
   try:
-    job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value,
-                          _DB.value)
+    job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value, _DB.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -11,11 +11,11 @@ import seqio
 
 from retro_jax.corpus import packing
 from retro_jax.corpus import vocab
-from retro_jax.data import batches as task_batches
-from retro_jax.data import cache_job as task_cache
+from retro_jax.data import batches as batches_lib
+from retro_jax.data import cache_job
 from retro_jax.data import preprocessors
 from retro_jax.data import tasks
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
@@ -33,10 +33,10 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("tasks")
   db_dir, spm_path = str(root / "db"), str(root / "spm.model")
   embedder = BertEmbedder.load()
-  vocab.train([d.text for d in pipeline.documents("python_stdlib", 150_000)],
+  vocab.train([d.text for d in build_job.documents("python_stdlib", 150_000)],
               spm_path, vocab_size=512)
-  pipeline.build_database(
-      db_dir, lambda: pipeline.documents("python_stdlib", DB_BYTES),
+  build_job.build_database(
+      db_dir, lambda: build_job.documents("python_stdlib", DB_BYTES),
       spm_path, embedder, shard_chunks=100, log=lambda _: None)
   task = tasks.register_retro_task(
       NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
@@ -88,8 +88,8 @@ def test_summary_counts_and_rerun_skips(setup):
   summary = setup["summary"]
   for split in ("train", "validation"):
     s = summary[split]
-    cached = task_batches.cached_split(
-        task_cache.task_dir(NAME, setup["cache_dir"]), split)
+    cached = batches_lib.cached_split(
+        cache_job.task_dir(NAME, setup["cache_dir"]), split)
     assert s["sequences"] == cached.num_input_examples(split) > 0
     assert s["chunks"] == s["sequences"] * SEQ_LEN // 64
     assert s["missing"] == 0
@@ -108,7 +108,7 @@ def test_sequences_are_the_packed_db_tokenization(setup):
       preprocessors.tokenize(ds, spm_path=setup["spm_path"]),
       seq_len=SEQ_LEN)
   got = list(ds.as_numpy_iterator())
-  docs = pipeline.documents("python_stdlib", MAX_BYTES, split="train")
+  docs = build_job.documents("python_stdlib", MAX_BYTES, split="train")
   want = list(packing.pack(((d.doc_id, sp.encode(d.text)) for d in docs),
                            SEQ_LEN))
   assert len(got) == len(want) == setup["summary"]["train"]["sequences"]
@@ -215,18 +215,18 @@ def test_neighbours_for_sequences_excludes_the_sequence_documents(setup):
 
 
 def test_incomplete_cache_is_refused(setup, tmp_path):
-  src = task_cache.task_dir(NAME, setup["cache_dir"])
+  src = cache_job.task_dir(NAME, setup["cache_dir"])
   for missing in ("COMPLETED",
                   os.path.basename(seqio.get_cached_stats_path(src, "train")),
                   "train.tfrecord-00000-of-00001"):
     broken = tmp_path / missing.replace(".", "_")
-    shutil.copytree(src, task_cache.task_dir(NAME, str(broken)))
-    os.remove(os.path.join(task_cache.task_dir(NAME, str(broken)), missing))
-    with pytest.raises(task_cache.IncompleteCacheError) as e:
+    shutil.copytree(src, cache_job.task_dir(NAME, str(broken)))
+    os.remove(os.path.join(cache_job.task_dir(NAME, str(broken)), missing))
+    with pytest.raises(cache_job.IncompleteCacheError) as e:
       next(tasks.batches(NAME, "train", batch_size=2, cache_dir=str(broken)))
-    assert task_cache.task_dir(NAME, str(broken)) in str(e.value)
+    assert cache_job.task_dir(NAME, str(broken)) in str(e.value)
     assert "scripts/cache_tasks.py" in str(e.value)
-  with pytest.raises(task_cache.IncompleteCacheError, match="does not exist"):
+  with pytest.raises(cache_job.IncompleteCacheError, match="does not exist"):
     next(tasks.batches(NAME, "train", batch_size=2,
                        cache_dir=str(tmp_path / "never")))
 
@@ -246,16 +246,16 @@ def test_crashed_cache_job_leaves_no_complete_cache(setup, tmp_path):
   cache_dir = str(tmp_path / "cache")
   with pytest.raises(Exception, match="cut.jsonl.zst"):
     tasks.cache_task("retro_test_cut", cache_dir, log=lambda _: None)
-  directory = task_cache.task_dir("retro_test_cut", cache_dir)
+  directory = cache_job.task_dir("retro_test_cut", cache_dir)
   assert not os.path.exists(os.path.join(directory, "COMPLETED"))
-  with pytest.raises(task_cache.IncompleteCacheError, match="did not finish"):
+  with pytest.raises(cache_job.IncompleteCacheError, match="did not finish"):
     next(tasks.batches("retro_test_cut", "train", batch_size=2,
                        cache_dir=cache_dir))
 
 
 def test_vocabulary_not_matching_the_db_names_the_file(setup, tmp_path):
   other = str(tmp_path / "other.model")
-  vocab.train([d.text for d in pipeline.documents("python_stdlib", 100_000)],
+  vocab.train([d.text for d in build_job.documents("python_stdlib", 100_000)],
               other, vocab_size=600)
   with pytest.raises(ValueError, match="other.model"):
     tasks.register_retro_task(
@@ -308,13 +308,13 @@ def test_readers_match_the_cache_job_whatever_splits_and_paths(
         NAME, corpus="python_stdlib", spm_path=setup["spm_path"],
         db_dir="db", seq_len=SEQ_LEN, num_neighbours=K,
         max_bytes={"train": MAX_BYTES}, retrieval_batch=3, embed_batch=5)
-    assert task_cache.require_complete(
+    assert cache_job.require_complete(
         NAME, setup["cache_dir"], ("train",),
         seqio.get_mixture_or_task(NAME).spec)
     # A record of an earlier version.
-    old = task_cache.task_dir(NAME, str(tmp_path))
-    shutil.copytree(task_cache.task_dir(NAME, setup["cache_dir"]), old)
-    record_path = os.path.join(old, task_cache.RETRO_TASK)
+    old = cache_job.task_dir(NAME, str(tmp_path))
+    shutil.copytree(cache_job.task_dir(NAME, setup["cache_dir"]), old)
+    record_path = os.path.join(old, cache_job.RETRO_TASK)
     record = json.load(open(record_path))
     record["spec"].update(splits=["train", "validation"], db_dir="db",
                           max_bytes=MAX_BYTES,
@@ -327,7 +327,7 @@ def test_readers_match_the_cache_job_whatever_splits_and_paths(
         NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
         seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
         meta={"pile_set_name": "ArXiv"})
-    with pytest.raises(task_cache.IncompleteCacheError, match="meta_filter"):
+    with pytest.raises(cache_job.IncompleteCacheError, match="meta_filter"):
       next(tasks.batches(NAME, "validation", batch_size=2,
                          cache_dir=setup["cache_dir"]))
   finally:
@@ -364,9 +364,9 @@ def test_a_cache_on_another_filesystem_reads_through_gfile(setup):
   """The cache copied to TF's in-memory filesystem (as to gs://) checks,
   reads and is reused like the local one."""
   import tensorflow as tf
-  src = task_cache.task_dir(NAME, setup["cache_dir"])
+  src = cache_job.task_dir(NAME, setup["cache_dir"])
   root = f"ram://retro_test_{os.getpid()}/cache"
-  dst = task_cache.task_dir(NAME, root)
+  dst = cache_job.task_dir(NAME, root)
   tf.io.gfile.makedirs(dst)
   try:
     for fname in os.listdir(src):
@@ -417,8 +417,8 @@ def test_hosts_read_whole_files_when_the_cache_has_enough(setup, tmp_path):
   still cover the split once and step together."""
   import json
   import tensorflow as tf
-  src = task_cache.task_dir(NAME, setup["cache_dir"])
-  dst = task_cache.task_dir(NAME, str(tmp_path))
+  src = cache_job.task_dir(NAME, setup["cache_dir"])
+  dst = cache_job.task_dir(NAME, str(tmp_path))
   shutil.copytree(src, dst)
   prefix = seqio.get_cached_tfrecord_prefix(dst, "train")
   records = list(tf.data.TFRecordDataset(f"{prefix}-00000-of-00001"))
@@ -470,7 +470,7 @@ def test_max_bytes_limits_each_split_and_is_part_of_its_identity(setup):
         NAME, corpus="python_stdlib", db_dir=setup["db_dir"],
         seq_len=SEQ_LEN, num_neighbours=K,
         max_bytes={"train": MAX_BYTES, "validation": 5_000})
-    with pytest.raises(task_cache.IncompleteCacheError, match="max_bytes"):
+    with pytest.raises(cache_job.IncompleteCacheError, match="max_bytes"):
       next(tasks.batches(NAME, "validation", batch_size=2,
                          cache_dir=setup["cache_dir"]))
     batch = next(tasks.batches(NAME, "train", batch_size=2,

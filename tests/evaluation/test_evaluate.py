@@ -19,7 +19,7 @@ from retro_jax.evaluation import chunk_files
 from retro_jax.evaluation import inputs
 from retro_jax.evaluation import intervals
 from retro_jax.evaluation import report
-from retro_jax.evaluation import scores as evaluate
+from retro_jax.evaluation import scores as scores_lib
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
 from retro_jax.model.network import Retro
@@ -48,7 +48,7 @@ def _dummy_prefix(sp, first_id):
 
 
 def test_token_bytes_sum_to_the_decoded_text(sp, stdlib_ids):
-  table = evaluate.token_bytes(sp)
+  table = scores_lib.token_bytes(sp)
   assert table.shape == (512,) and table[0] == table[1] == table[2] == 0
   for text in TEXTS + [sp.decode(stdlib_ids[:300].tolist())]:
     ids = sp.encode(text)
@@ -71,10 +71,10 @@ def test_bits_per_byte_equals_hand_computed(sp, stdlib_ids):
   rng = np.random.default_rng(0)
   nbs = rng.integers(1, cfg.vocab_size, (1, n // 64, 2, 128)).astype(np.int32)
   params = model.init(jax.random.key(3), tokens, nbs)
-  scores = evaluate.evaluate_batches(
+  scores = scores_lib.evaluate_batches(
       model, params, [{"tokens": tokens, "neighbours": nbs}],
-      evaluate.token_bytes(sp))
-  got = evaluate.summarize(scores)
+      scores_lib.token_bytes(sp))
+  got = scores_lib.summarize(scores)
 
   logits = np.asarray(model.apply(params, tokens, nbs), np.float64)[0]
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
@@ -103,14 +103,14 @@ def test_retrieval_off_equals_the_model_without_cca(tiny, make_tokens,
   table = np.ones(tiny.vocab_size, np.int64)
   batch = {"tokens": tokens, "neighbours": nbs,
            "loss_mask": np.ones_like(tokens)}
-  retro = evaluate.evaluate_batches(model, params, [batch], table)
+  retro = scores_lib.evaluate_batches(model, params, [batch], table)
 
   base_cfg = tiny.replace(cca_layers=())
   base_params = hk.data_structures.filter(
       lambda mod, name, v: "encoder" not in mod and "/cca" not in mod, params)
   assert (hk.data_structures.tree_size(base_params)
           < hk.data_structures.tree_size(params))
-  base = evaluate.evaluate_batches(Retro(base_cfg), base_params, [batch],
+  base = scores_lib.evaluate_batches(Retro(base_cfg), base_params, [batch],
                                    table, retrieval_off=False)
   np.testing.assert_allclose(retro.nll_off, base.nll_on, rtol=1e-5, atol=1e-4)
   # Retrieval on differs: the comparison above is not vacuous.
@@ -120,7 +120,7 @@ def test_retrieval_off_equals_the_model_without_cca(tiny, make_tokens,
 
 
 def test_leakage_table_filters_chunks():
-  scores = evaluate.ChunkScores(
+  scores = scores_lib.ChunkScores(
       nll_on=np.array([1.0, 2.0, 3.0, 4.0]) * math.log(2),
       nll_off=np.array([2.0, 2.0, 4.0, 8.0]) * math.log(2),
       targets=np.array([63, 64, 64, 64]), bytes=np.array([10, 10, 20, 40]),
@@ -130,7 +130,7 @@ def test_leakage_table_filters_chunks():
   assert rows[0.25]["bpb_on"] == pytest.approx(3 / 20)
   assert rows[0.5]["bpb_off"] == pytest.approx(8 / 40)
   assert rows[1.0]["bpb_on"] == pytest.approx(
-      evaluate.summarize(scores)["retrieval_on"]["bits_per_byte"])
+      scores_lib.summarize(scores)["retrieval_on"]["bits_per_byte"])
   assert "alpha" in report.format_table(list(rows.values()))
 
 
@@ -161,7 +161,7 @@ def test_paired_gain_is_exact_for_a_uniform_saving_and_brackets_noise():
 
 
 def test_chunk_scores_round_trip_through_npz(tmp_path):
-  scores = evaluate.ChunkScores(
+  scores = scores_lib.ChunkScores(
       nll_on=np.array([1.5, 2.5]), nll_off=None,
       targets=np.array([63, 64]), bytes=np.array([100, 120]),
       leakage=np.array([0.0, 0.5], np.float32))
@@ -226,12 +226,12 @@ def test_online_batches_without_a_retriever_pad_the_neighbours():
 
 
 def test_report_lines_and_results_json(tmp_path):
-  scores = evaluate.ChunkScores(
+  scores = scores_lib.ChunkScores(
       nll_on=np.array([1.0, 3.0]) * math.log(2),
       nll_off=np.array([2.0, 4.0]) * math.log(2),
       targets=np.array([63, 64]), bytes=np.array([10, 10]),
       leakage=np.array([0.0, 1.0], np.float32))
-  summary = evaluate.summarize(scores)
+  summary = scores_lib.summarize(scores)
   summary["leakage"] = report.leakage_table(scores)
   summary["retrieval_gain"] = intervals.paired_gain(
       scores.nll_off, scores.nll_on, scores.bytes, 2)

@@ -9,7 +9,7 @@ import pytest
 from retro_jax.inference import sampling
 from retro_jax.config import RetroConfig
 from retro_jax.model.network import Retro
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
 
@@ -36,8 +36,8 @@ def small_db(tmp_path_factory):
   root = tmp_path_factory.mktemp("sampling_db")
   db_dir = str(root / "db")
   embedder = BertEmbedder.load()
-  pipeline.build_database(
-      db_dir, lambda: pipeline.documents("python_stdlib", 30_000),
+  build_job.build_database(
+      db_dir, lambda: build_job.documents("python_stdlib", 30_000),
       str(root / "spm.model"), embedder, vocab_size=512,
       spm_train_bytes=200_000, shard_chunks=100, log=lambda _: None)
   retriever, sp = sequence_neighbours.load_retriever(

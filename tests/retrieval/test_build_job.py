@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from retro_jax.retrieval import db as dblib
-from retro_jax.retrieval import build_job as pipeline
+from retro_jax.retrieval import build_job
 from retro_jax.retrieval.embedder import BertEmbedder
 
 MAX_BYTES = 40_000
@@ -28,8 +28,8 @@ def built(tmp_path_factory):
   db_dir = str(root / "db")
   embedder = BertEmbedder.load()
   lines = []
-  summary = pipeline.build_database(
-      db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
+  summary = build_job.build_database(
+      db_dir, lambda: build_job.documents("python_stdlib", MAX_BYTES),
       str(root / "spm.model"), embedder, vocab_size=512,
       spm_train_bytes=200_000, shard_chunks=100, log=lines.append)
   return db_dir, embedder, summary, lines
@@ -51,11 +51,11 @@ def test_summary_counts_match_the_db(built):
 def test_query_returns_the_chunk_itself_first(built):
   db_dir, embedder, _, _ = built
   db = dblib.RetrievalDB.open(db_dir)
-  sp = pipeline.vocab.load(os.path.join(db_dir, "spm.model"))
+  sp = build_job.vocab.load(os.path.join(db_dir, "spm.model"))
   rng = np.random.default_rng(0)
   for chunk_id in rng.choice(len(db), 3, replace=False):
     text = db.chunk_text(int(chunk_id), sp)
-    hits = pipeline.query(db_dir, text, embedder, k=3)
+    hits = build_job.query(db_dir, text, embedder, k=3)
     assert len(hits) == 3
     assert hits[0]["text"] == text                # Its own chunk (or a twin).
     assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
@@ -68,8 +68,8 @@ def test_rerun_resumes_without_rework(built):
 
   def rerun():
     lines = []
-    again = pipeline.build_database(
-        db_dir, lambda: pipeline.documents("python_stdlib", MAX_BYTES),
+    again = build_job.build_database(
+        db_dir, lambda: build_job.documents("python_stdlib", MAX_BYTES),
         os.path.join(os.path.dirname(db_dir), "spm.model"), embedder,
         vocab_size=512, shard_chunks=100, log=lines.append)
     return again, lines
@@ -88,21 +88,21 @@ def test_rerun_resumes_without_rework(built):
   again, lines = rerun()
   assert os.path.isfile(index_json)
   assert not any("reusing" in line for line in lines)
-  assert pipeline.open_for_queries(db_dir, embedder)[1].kind == "exact"
+  assert build_job.open_for_queries(db_dir, embedder)[1].kind == "exact"
 
 
 def test_unknown_stage_and_corpus_raise(built):
   db_dir, embedder, _, _ = built
   with pytest.raises(ValueError, match="unknown stages"):
-    pipeline.build_database(db_dir, lambda: [], "x.model", embedder,
+    build_job.build_database(db_dir, lambda: [], "x.model", embedder,
                             stages=("chunks", "train"))
   with pytest.raises(ValueError, match="unknown corpus"):
-    pipeline.documents("wikipedia")
+    build_job.documents("wikipedia")
 
 
 def test_empty_corpus_raises(tmp_path):
   with pytest.raises(ValueError, match="empty"):
-    pipeline.build_database(str(tmp_path / "db"), lambda: iter(()),
+    build_job.build_database(str(tmp_path / "db"), lambda: iter(()),
                             str(tmp_path / "spm.model"), embedder=None,
                             log=lambda _: None)
 
@@ -137,9 +137,9 @@ def test_run_config_db_fields_reach_the_build():
 def test_build_vocabulary_defaults_beside_the_db():
   """No vocabulary given: the build trains one beside the DB directory (a
   rerun finds it); a given one is used as it is."""
-  assert pipeline.build_spm_path("", "runs/q/db") == os.path.abspath(
+  assert build_job.build_spm_path("", "runs/q/db") == os.path.abspath(
       "runs/q/spm.model")
-  assert pipeline.build_spm_path("my.model", "runs/q/db") == "my.model"
+  assert build_job.build_spm_path("my.model", "runs/q/db") == "my.model"
 
 
 def _build_command(db_dir, *extra):

@@ -14,7 +14,7 @@ import pytest
 from retro_jax import Retro, RetroConfig
 from retro_jax.data import train_sources
 from retro_jax.training import checkpoints
-from retro_jax.training import loop as trainer
+from retro_jax.training import loop as loop_lib
 from retro_jax.training import run_config
 from retro_jax.training import step as step_lib
 from conftest import REPO_ROOT
@@ -49,7 +49,7 @@ def init_params(config):
 
 
 def params_of(summary):
-  return trainer.host_params(summary["state"])
+  return loop_lib.host_params(summary["state"])
 
 
 def flat(params):
@@ -61,7 +61,7 @@ def flat(params):
 def test_loss_decreases_on_8_device_mesh(tmp_path, capsys):
   config = tiny_config(steps=8)
   config.mesh.update(dict(data=2, fsdp=2, model=2))
-  summary = trainer.train(config, str(tmp_path))
+  summary = loop_lib.train(config, str(tmp_path))
   out = capsys.readouterr().out
   losses = [float(l.split("loss ")[1].split()[0])
             for l in out.splitlines() if l.startswith("step ")]
@@ -80,9 +80,9 @@ def test_loss_decreases_on_8_device_mesh(tmp_path, capsys):
 def test_sharded_matches_one_device_over_3_steps(tmp_path):
   config = tiny_config(steps=3)
   config.mesh.update(dict(data=2, fsdp=2, model=2))
-  sharded = trainer.train(config, str(tmp_path / "sharded"))
+  sharded = loop_lib.train(config, str(tmp_path / "sharded"))
   config.mesh.update(dict(data=1, fsdp=1, model=1))
-  single = trainer.train(config, str(tmp_path / "single"),
+  single = loop_lib.train(config, str(tmp_path / "single"),
                          devices=jax.devices()[:1])
   a, b = flat(params_of(sharded)), flat(params_of(single))
   assert a.keys() == b.keys()
@@ -102,9 +102,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(steps=8, learning_rate=1e38, warmup_steps=2,
                        clip_norm=0.0)
   config.checkpoint.every = 1
-  with pytest.raises(trainer.NonFiniteLossError,
+  with pytest.raises(loop_lib.NonFiniteLossError,
                      match=r"non-finite loss .* last good checkpoint is step"):
-    trainer.train(config, str(tmp_path), devices=jax.devices()[:1])
+    loop_lib.train(config, str(tmp_path), devices=jax.devices()[:1])
   _, params, step = checkpoints.restore_params(str(tmp_path))
   assert 1 <= step < 8
   assert all(np.isfinite(np.asarray(v)).all()
@@ -122,7 +122,7 @@ def test_sigterm_saves_and_returns(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  summary = trainer.train(config, str(tmp_path), source=source,
+  summary = loop_lib.train(config, str(tmp_path), source=source,
                           devices=jax.devices()[:1])
   assert summary["status"] == "preempted"
   assert summary["step"] == 4
@@ -137,12 +137,12 @@ def test_retrofit_trains_only_retrieval_weights(tmp_path):
   base = tiny_config(steps=3)
   base.model.cca_layers = ()
   base.model.scan_layers = True     # Stacked layers: grafted per layer.
-  base_params = flat(params_of(trainer.train(base, str(tmp_path / "base"),
+  base_params = flat(params_of(loop_lib.train(base, str(tmp_path / "base"),
                                              devices=jax.devices()[:1])))
   retro = tiny_config(steps=3, trainable="retrieval",
                       init_from=str(tmp_path / "base"))
   retro.mesh.update(dict(data=2, fsdp=2, model=2))
-  summary = trainer.train(retro, str(tmp_path / "retro"))
+  summary = loop_lib.train(retro, str(tmp_path / "retro"))
   after = flat(params_of(summary))
   frozen = [k for k in after if not step_lib.is_retrieval_module(k)]
   trained = [k for k in after if step_lib.is_retrieval_module(k)]
@@ -167,29 +167,29 @@ def test_bad_input_fails_before_compute(tmp_path):
   config = tiny_config(batch_size=6)
   config.mesh.update(dict(data=2, fsdp=2, model=2))
   with pytest.raises(ValueError, match="batch size 6 does not divide"):
-    trainer.train(config, str(tmp_path / "a"))
+    loop_lib.train(config, str(tmp_path / "a"))
   assert not os.path.exists(tmp_path / "a" / "checkpoints")
 
   config = tiny_config(accum_steps=3)
   with pytest.raises(ValueError, match="accum_steps=3 must"):
-    trainer.train(config, str(tmp_path / "b"))
+    loop_lib.train(config, str(tmp_path / "b"))
 
   del config.train.log_every
   with pytest.raises(ValueError, match=r"lacks config\.train\.log_every"):
-    trainer.train(config, str(tmp_path / "c"))
+    loop_lib.train(config, str(tmp_path / "c"))
 
   # A workdir holding a run of another architecture.
   config = tiny_config()
   run_config.save_run_config(str(tmp_path / "d"), config)
   config.model.d_model = 32
   with pytest.raises(ValueError, match=r"another model architecture.*d_model"):
-    trainer.train(config, str(tmp_path / "d"))
+    loop_lib.train(config, str(tmp_path / "d"))
 
 
 @pytest.mark.slow
 def test_resume_with_another_data_stream_fails(tmp_path):
   workdir = str(tmp_path)
-  trainer.train(tiny_config(steps=1), workdir, devices=jax.devices()[:1])
+  loop_lib.train(tiny_config(steps=1), workdir, devices=jax.devices()[:1])
   ckpt = checkpoints.Checkpointer(workdir, save_every=100, keep=2)
   saved = ckpt.data_position()
   ckpt.close()
@@ -197,18 +197,18 @@ def test_resume_with_another_data_stream_fails(tmp_path):
       "task_name"], split=saved["split"], num_shards=1, host_batch_size=8)
   with pytest.raises(ValueError, match=r"another data stream: seed: saved 0, "
                                        r"now 1.*allow_data_change"):
-    trainer.train(tiny_config(steps=2, seed=1), workdir,
+    loop_lib.train(tiny_config(steps=2, seed=1), workdir,
                   devices=jax.devices()[:1])
-  summary = trainer.train(tiny_config(steps=2, seed=1, allow_data_change=True),
+  summary = loop_lib.train(tiny_config(steps=2, seed=1, allow_data_change=True),
                           workdir, devices=jax.devices()[:1])
   assert summary["step"] == 2
 
 
 @pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(tmp_path):
-  one = trainer.train(tiny_config(steps=2), str(tmp_path / "one"),
+  one = loop_lib.train(tiny_config(steps=2), str(tmp_path / "one"),
                       devices=jax.devices()[:1])
-  acc = trainer.train(tiny_config(steps=2, accum_steps=4),
+  acc = loop_lib.train(tiny_config(steps=2, accum_steps=4),
                       str(tmp_path / "acc"), devices=jax.devices()[:1])
   a, b = flat(params_of(one)), flat(params_of(acc))
   for k in a:
