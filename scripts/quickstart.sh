@@ -123,5 +123,5 @@ TensorBoard logs:  $W/retro, $W/baseline   (tensorboard --logdir $W)
 checkpoints:       $W/retro/checkpoints, $W/baseline/checkpoints
 metrics JSON:      $W/retro/eval/, $W/baseline/eval/
 leakage plot:      $W/retro/eval/*.png
-retrieval DB:      $W/db      (python scripts/build_db.py ${DATA[*]} --query="...")
+retrieval DB:      $W/db      (python scripts/build_db.py --config=configs/quickstart.py --config.data.db_dir=$W/db --query="...")
 EOF
