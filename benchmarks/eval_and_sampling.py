@@ -28,6 +28,8 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from retro_jax.core import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax.core import cli
 from retro_jax.data import cache_job
 from retro_jax.data import tasks
 
@@ -103,4 +104,4 @@ def _time_online(task, cache_dir, summary, results, config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -61,6 +61,7 @@ import jax
 import numpy as np
 
 import retro_jax
+from retro_jax.core import cli
 from retro_jax.model import flops
 from retro_jax.training import metrics as metrics_lib
 from retro_jax.core import sharding
@@ -225,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

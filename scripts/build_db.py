@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax.core import cli
 from retro_jax.core import host_memory
 from retro_jax.retrieval import build_job
 from retro_jax.retrieval.embedder import BertEmbedder
@@ -80,4 +81,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

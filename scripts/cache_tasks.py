@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax.core import cli
 from retro_jax.core import host_memory
 from retro_jax.data import tasks
 
@@ -57,4 +58,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retro_jax.core import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py",
                                           "Evaluation config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (scripts/train.py).")
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

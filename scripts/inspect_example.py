@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from retro_jax.core import cli
 from retro_jax.config import CHUNK_SIZE, PAD_ID
 from retro_jax.corpus import vocab
 from retro_jax.data import tasks
@@ -73,4 +74,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
