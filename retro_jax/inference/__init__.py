@@ -1,1 +1,2 @@
-"""A trained run loaded for research (retro_jax.load) and sampling with retrieval."""
+"""A trained run loaded for research (retro_jax.load) and sampling with
+retrieval."""

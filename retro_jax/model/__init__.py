@@ -1,1 +1,2 @@
-"""The RETRO network: attention layers, the decoder with chunked cross-attention and its encoder, KV-cached decoding, FLOP counts."""
+"""The RETRO network: attention layers, the decoder with chunked cross-
+attention and its encoder, KV-cached decoding, FLOP counts."""
