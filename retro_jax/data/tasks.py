@@ -149,6 +149,19 @@ def register_for_reading(name: str, *, corpus: str, db_dir: str,
       max_bytes=max_bytes, meta=meta)
 
 
+def register_run_task(config) -> RetroTask:
+  """Registers the Task a run config trains on (a configs/*.py file, or a
+  run's config.json as `training.run_config` reads it) to read its cache:
+  config.data names it, n is config.train.seq_len and k
+  config.model.num_neighbours. Training and evaluation both read it so."""
+  d = config.data
+  return register_for_reading(
+      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", "") or "",
+      db_dir=d.db_dir, seq_len=int(config.train.seq_len),
+      num_neighbours=int(config.model.num_neighbours),
+      max_bytes=dict(d.max_bytes), meta=dict(d.get("meta", {})))
+
+
 def register_from_config(config) -> RetroTask:
   """Registers the Task a run config (configs/*.py) describes: corpus,
   splits and paths from config.data, the embedder from config.db, the

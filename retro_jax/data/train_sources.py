@@ -120,11 +120,7 @@ def task_source(config: ml_collections.ConfigDict, *,
     if not d.get(field):
       raise ValueError(f"config.data.{field} must be set when "
                        f"config.data.source='task'")
-  cfg = RetroConfig.from_dict(config.model)
-  tasks.register_for_reading(
-      d.task_name, corpus=d.corpus, spm_path=d.spm_path, db_dir=d.db_dir,
-      seq_len=tc.seq_len, num_neighbours=cfg.num_neighbours,
-      max_bytes=dict(d.max_bytes), meta=dict(d.meta))
+  tasks.register_run_task(config)
 
   def iterate(start_step: int) -> Iterator[Batch]:
     return tasks.batches(

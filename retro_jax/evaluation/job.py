@@ -84,8 +84,8 @@ def set_batches(run: loaded_run.LoadedRun,
                                     plan.k, m, r)
     # The Task's sequences keep the length they were cached at.
     yield eval_set.name, sets_lib.task_batches(
-        run.config, plan.trained_k, eval_config,
-        renew if plan.online else None), int(run.config.train.seq_len)
+        run.config, eval_config, renew if plan.online else None), int(
+            run.config.train.seq_len)
     return
   docs = sets_lib.documents(eval_set, eval_config.split,
                             eval_config.max_bytes)

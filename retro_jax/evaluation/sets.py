@@ -89,8 +89,7 @@ def groups_of(eval_set: EvalSet, docs: List[sources.Document]
   return out
 
 
-def _register_run_task(run_config: ml_collections.ConfigDict,
-                       num_neighbours: int) -> str:
+def _register_run_task(run_config: ml_collections.ConfigDict) -> str:
   """Registers the Task a run trained on for reading its cache (as training
   does); returns its name."""
   from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
@@ -101,15 +100,10 @@ def _register_run_task(run_config: ml_collections.ConfigDict,
                        f"{field}")
   # The run config as `training.run_config.load_run_config` reads it (older
   # runs' fields upgraded): data.max_bytes {split: bytes}, data.meta.
-  tasks.register_for_reading(
-      d.task_name, corpus=d.corpus, spm_path=d.get("spm_path", "") or "",
-      db_dir=d.db_dir, seq_len=int(run_config.train.seq_len),
-      num_neighbours=num_neighbours, max_bytes=dict(d.max_bytes),
-      meta=dict(d.get("meta", {})))
-  return d.task_name
+  return tasks.register_run_task(run_config).name
 
 
-def task_batches(run_config: ml_collections.ConfigDict, num_neighbours: int,
+def task_batches(run_config: ml_collections.ConfigDict,
                  eval_config: ml_collections.ConfigDict,
                  neighbours: Optional[Callable[[Batches], Batches]] = None
                  ) -> Batches:
@@ -119,12 +113,11 @@ def task_batches(run_config: ml_collections.ConfigDict, num_neighbours: int,
 
   Args:
     run_config: the run's config.json (data.task_name, data.cache_dir, ...).
-    num_neighbours: the k the run trained (and its cache was built) with.
     eval_config: `config.eval` (split, batch_size, cache_dir).
     neighbours: batches -> batches with new neighbours; None: cached ones.
   """
   from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
-  name = _register_run_task(run_config, num_neighbours)
+  name = _register_run_task(run_config)
   batches = tasks.batches(
       name, eval_config.split, batch_size=eval_config.batch_size,
       cache_dir=eval_config.cache_dir or run_config.data.cache_dir,

@@ -518,3 +518,20 @@ def test_run_config_cache_fields_reach_the_cache_job():
   for field in ("task_name", "corpus", "max_bytes", "meta", "spm_path",
                 "db_dir", "cache_dir"):
     assert f"data.{field}" in code, f"data.{field} is never read"
+
+
+def test_a_run_config_registers_the_task_its_cache_was_built_for(setup):
+  """Training and evaluation register a run's Task from its config
+  (`register_run_task`): the same spec the cache job recorded, so the run
+  reads the cache (`batches` refuses a cache built for another spec)."""
+  from retro_jax.training import run_config  # pylint: disable=g-import-not-at-top
+  config = run_config.base_config()
+  config.data.update(dict(task_name=NAME, corpus="python_stdlib",
+                          db_dir=setup["db_dir"], spm_path=setup["spm_path"]))
+  config.data.max_bytes.update(SPLIT_BYTES)
+  config.train.seq_len, config.model.num_neighbours = SEQ_LEN, K
+  task = tasks.register_run_task(config)
+  assert task.spec == setup["task"].spec
+  batch = next(iter(tasks.batches(NAME, "train", batch_size=2,
+                                  cache_dir=setup["cache_dir"])))
+  assert batch["neighbours"].shape == (2, SEQ_LEN // 64, K, 128)
