@@ -19,7 +19,7 @@ DESIGN = "docs/design.md"
 # Folders whose files the pages may name as paths (checked to exist).
 _PATH = re.compile(r"(?<![\w/.-])((?:configs|scripts|benchmarks|tools|"
                    r"retro_jax|tests|docs)/[\w./-]*[\w/])")
-# "design.md §3", "DESIGN.md §3", "design.md, §3"; "§3-§5" counts its first.
+# "design.md §3", "design.md, §3" in any case; "§3-§5" counts its first.
 _DESIGN_REF = re.compile(r"design\.md\W{0,3}§\s*(\d+)", re.I)
 
 

@@ -138,8 +138,6 @@ class BertConfig:
 
 def _read_json(path: str) -> Dict[str, Any]:
   """The JSON object of a checkpoint file; errors name the file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist")
   try:
     raw = files.read_json(path)
   except UnicodeDecodeError as e:  # Raised before read_json can name it.
