@@ -81,8 +81,13 @@ def get_config():
                                         # (scripts/cache_tasks.py).
 
   config.db = ml_collections.ConfigDict()
-  config.db.max_bytes = 0               # Text of data.corpus the DB holds
-                                        # (0 = all).
+  # The DB holds the training split (data.corpus, data.split, its
+  # data.max_bytes and data.meta), then this extra text, retrieved from but
+  # never trained on. corpus "" = none; split "" = every split (held-out text
+  # too: only when asked for).
+  config.db.extra = ml_collections.ConfigDict(dict(
+      corpus="", split="train", max_bytes=0))
+  config.db.extra.meta = ml_collections.ConfigDict()  # Its meta filter.
   config.db.vocab_size = 8192           # Pieces of a vocabulary trained when
                                         # data.spm_path is "".
   config.db.spm_train_bytes = 20_000_000  # Text that vocabulary trains on.

@@ -54,7 +54,6 @@ def get_config():
   config.data.db_dir = "runs/quickstart/db"
   config.data.cache_dir = "runs/quickstart/cache"
 
-  config.db.max_bytes = 2_000_000       # The DB holds the training text.
   config.db.vocab_size = 4096           # = model.vocab_size.
   config.db.spm_train_bytes = 2_000_000
   return config

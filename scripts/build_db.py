@@ -3,8 +3,9 @@ r"""Builds the retrieval DB of a run config, or queries one.
 Build (resumes from complete shards when rerun):
   python scripts/build_db.py --config=configs/quickstart.py
 
-The DB holds config.db.max_bytes of config.data.corpus in
-config.data.db_dir. The vocabulary is config.data.spm_path; when that is ""
+The DB holds the training split of config.data.corpus (the text the Task
+trains on: data.split, data.max_bytes.<split>, data.meta), then any extra
+text named by config.db.extra, in config.data.db_dir. The vocabulary is config.data.spm_path; when that is ""
 one of config.db.vocab_size pieces is trained on config.db.spm_train_bytes
 of text at <db_dir>/../spm.model (kept there, and reused by a rerun), and
 the DB keeps a copy in <db_dir>/spm.model, which every reader of
@@ -61,18 +62,14 @@ def main(argv):
       print(f"--- chunk {hit['id']} (document {hit['doc_id']}), squared L2 "
             f"{hit['distance']:.3f}\n{hit['text']}")
     return
-  skipped = {}   # Files the corpus reader skipped, by reason.
   summary = build_job.build_database(
-      data.db_dir,
-      lambda: build_job.documents(data.corpus, db.max_bytes or None,
-                                  skipped=skipped),
+      data.db_dir, build_job.db_sources(config),
       build_job.build_spm_path(data.spm_path, data.db_dir), embedder,
       stages=build_job.STAGES if _STAGE.value == "all" else (_STAGE.value,),
       vocab_size=db.vocab_size, spm_train_bytes=db.spm_train_bytes,
       shard_chunks=db.shard_chunks, shard_index=_SHARD.value,
       num_shards=_NUM_SHARDS.value, index_kind=db.index,
       recall_queries=db.recall_queries)
-  summary["corpus_files_skipped"] = skipped
   # ru_maxrss is in KiB on Linux.
   summary["peak_rss_mb"] = round(
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -57,7 +57,7 @@ VAL_BYTES=$((DATA_BYTES / 10))   # Held-out text that evaluation scores.
 DATA=(--config=configs/quickstart.py --config.data.corpus="$CORPUS"
       --config.data.max_bytes.train="$DATA_BYTES"
       --config.data.max_bytes.validation="$VAL_BYTES"
-      --config.db.max_bytes="$DATA_BYTES" --config.db.spm_train_bytes="$DATA_BYTES"
+      --config.db.spm_train_bytes="$DATA_BYTES"
       --config.data.db_dir="$W/db"
       --config.data.cache_dir="$W/cache")
 TRAIN=("${DATA[@]}" --config.train.steps="$STEPS")

@@ -423,3 +423,26 @@ def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
     return _KINDS[kind](arg, **kwargs)
   raise ValueError(f"unknown corpus {spec!r}; known kinds: "
                    f"{', '.join(KNOWN_SPECS)}")
+
+
+def text_source(corpus: str, split: Optional[str] = None, max_bytes: int = 0,
+                meta: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+  """The record that names a slice of a corpus: its spec, split (None: every
+  split), byte cap (0: all) and meta filter. The DB keeps one per part, a
+  Task compares its training split with the DB's "train" part, and
+  `source_documents` reads it back."""
+  return {"corpus": corpus, "split": split, "max_bytes": int(max_bytes or 0),
+          "meta": {str(k): str(v) for k, v in dict(meta or {}).items()}}
+
+
+def source_documents(source: Mapping[str, Any],
+                     skipped: Optional[MutableMapping[str, int]] = None
+                     ) -> Iterator[Document]:
+  """The documents of a `text_source` record, in the reader's order: the
+  first `max_bytes` of the split, then those whose meta matches."""
+  meta = source.get("meta") or {}
+  for doc in open_corpus(source["corpus"], split=source.get("split"),
+                         max_bytes=source.get("max_bytes") or None,
+                         skipped=skipped):
+    if all(doc.meta.get(k) == v for k, v in meta.items()):
+      yield doc

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Tuple)
 
 import numpy as np
 
@@ -27,14 +28,29 @@ from retro_jax.retrieval import index as indexlib
 INDEX_DIR = "index"
 
 
-def documents(corpus: str, max_bytes: Optional[int] = None,
-              split: Optional[str] = None,
-              skipped: Optional[Dict[str, int]] = None) -> Iterable[Document]:
-  """The documents of a corpus named as `sources.open_corpus` names them
-  ("python_stdlib", "jsonl:<glob>", "textdir:<path>", "tfds:<name>");
-  documents the reader skips are counted by reason in `skipped`."""
-  return sources.open_corpus(corpus, split=split, max_bytes=max_bytes,
-                             skipped=skipped)
+TRAIN_PART = "train"  # The part of the DB that training sequences are cut from.
+
+
+def db_sources(config) -> Dict[str, Dict[str, Any]]:
+  """{part name: `sources.text_source`} of the DB a run config describes.
+
+  Part "train" is exactly the Task's training split: config.data.corpus,
+  split config.data.split, its byte cap config.data.max_bytes.<split> and
+  the meta filter config.data.meta, so that every training chunk is a DB
+  chunk. Part "extra" (config.db.extra, if its corpus is set) is more text
+  for retrieval only, never trained on; its split defaults to the training
+  split, and held-out text enters the DB only when asked for by naming it.
+  """
+  data, extra = config.data, config.db.extra
+  split = data.split
+  parts = {TRAIN_PART: sources.text_source(
+      data.corpus, split, int(dict(data.max_bytes).get(split, 0) or 0),
+      dict(data.meta))}
+  if extra.corpus:
+    parts["extra"] = sources.text_source(
+        extra.corpus, extra.split or None, int(extra.max_bytes or 0),
+        dict(extra.meta))
+  return parts
 
 
 def build_spm_path(spm_path: str, db_dir: str) -> str:
@@ -70,7 +86,7 @@ def vocabulary(spm_path: str, train_docs: Callable[[], Iterable[Document]],
 STAGES = ("chunks", "embed", "index")
 
 
-def build_database(db_dir: str, docs: Callable[[], Iterable[Document]],
+def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
                    spm_path: str, embedder, *, stages=STAGES,
                    vocab_size: int = 8192, spm_train_bytes: int = 20_000_000,
                    shard_chunks: int = 65536, shard_index: int = 0,
@@ -85,7 +101,8 @@ def build_database(db_dir: str, docs: Callable[[], Iterable[Document]],
 
   Args:
     db_dir: the DB directory.
-    docs: a callable returning a fresh iterator over the corpus documents.
+    parts: {part name: `sources.text_source`}, written in order (see
+      `db_sources`); the vocabulary trains on the first part.
     spm_path: SentencePiece model to use, trained there if it does not exist.
     embedder: a `BertEmbedder`.
     stages: which of "chunks" (vocabulary + chunk shards), "embed" and
@@ -102,7 +119,10 @@ def build_database(db_dir: str, docs: Callable[[], Iterable[Document]],
   unknown = set(stages) - set(STAGES)
   if unknown:
     raise ValueError(f"unknown stages {sorted(unknown)}; stages: {STAGES}")
-  summary: Dict[str, Any] = {"db_dir": db_dir, "seconds": {}}
+  summary: Dict[str, Any] = {"db_dir": db_dir, "seconds": {},
+                             "corpus_files_skipped": {}}
+  skipped = summary["corpus_files_skipped"]  # Reader skips, by reason.
+  first = next(iter(parts.values()))
   seconds = summary["seconds"]
 
   def timed(name, fn):
@@ -112,10 +132,13 @@ def build_database(db_dir: str, docs: Callable[[], Iterable[Document]],
     return out
 
   if "chunks" in stages:
-    sp = timed("vocabulary", lambda: vocabulary(spm_path, docs, vocab_size,
-                                                spm_train_bytes, log))
+    sp = timed("vocabulary", lambda: vocabulary(
+        spm_path, lambda: sources.source_documents(first), vocab_size,
+        spm_train_bytes, log))
     chunks = timed("chunks", lambda: dblib.write_chunks(
-        docs(), sp, db_dir, shard_chunks=shard_chunks, spm_path=spm_path))
+        {name: sources.source_documents(src, skipped)
+         for name, src in parts.items()}, sp, db_dir,
+        shard_chunks=shard_chunks, spm_path=spm_path, sources=parts))
     summary["chunks"] = chunks
     log(f"chunks: {_describe(chunks)} in {seconds['chunks']:.1f} s")
 

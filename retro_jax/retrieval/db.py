@@ -40,7 +40,8 @@ __all__ = ["CHUNK_SIZE", "PAD_ID", "IncompleteDBError", "RetrievalDB",
 # Fields that describe the stored data; update_manifest may not touch them.
 _FROZEN_FIELDS = ("format_version", "spm_model_sha256", "embedder",
                   "chunk_size", "num_chunks", "num_tokens", "num_documents",
-                  "text_bytes", "embedding", "shards", "build")
+                  "text_bytes", "pad_tokens", "parts", "embedding", "shards",
+                  "build")
 
 
 def _shard_problems(db_dir: str, num_shards: int,
@@ -112,6 +113,9 @@ def finalize(db_dir: str, verify: bool = True) -> Dict[str, Any]:
       "num_tokens": summary["num_tokens"],
       "num_documents": summary["num_documents"],
       "text_bytes": summary["text_bytes"],
+      "pad_tokens": summary["pad_tokens"],
+      # Contiguous chunk-id ranges by origin; "train" is the training split.
+      "parts": summary["parts"],
       "embedding": {"dim": record["dim"], "dtype": record["dtype"]},
       "shards": shards,
       "build": {k: summary[k] for k in ("skipped", "short_documents",
@@ -256,6 +260,16 @@ class RetrievalDB:
   def __repr__(self) -> str:
     return (f"RetrievalDB({self.path!r}, {self.num_chunks} chunks, "
             f"{len(self._tokens)} shards, {self.manifest['embedder']['name']})")
+
+  def part(self, name: str) -> Dict[str, Any]:
+    """The manifest's record of part `name` (e.g. "train"): its source and
+    its chunk-id range [first_chunk, first_chunk + num_chunks)."""
+    for part in self.manifest["parts"]:
+      if part["name"] == name:
+        return part
+    raise ValueError(f"{self.path} has no part {name!r} (it has "
+                     f"{[p['name'] for p in self.manifest['parts']]}): "
+                     f"rebuild it with scripts/build_db.py")
 
   def _gather(self, arrays: List[np.ndarray], ids: np.ndarray) -> np.ndarray:
     """Rows `ids` (any shape, all in [0, N)) of per-shard `arrays`."""

@@ -3,9 +3,11 @@
 Three stages, each safe to kill at any point and rerun (db_format.py has the
 layout and the atomic-write rules that make this true):
 
-  1. write_chunks   documents -> SentencePiece ids -> 64-token chunks, in
-                    shards of `shard_chunks` chunks; one pass over a stream,
-                    one shard in memory. A rerun re-reads the stream and
+  1. write_chunks   documents -> SentencePiece ids + EOS -> 64-token chunks
+                    (corpus/packing.document_chunks), in shards of
+                    `shard_chunks` chunks; one pass over a stream per part
+                    (the training split first, then any extra text), one
+                    shard in memory. A rerun re-reads the stream and
                     rewrites only shards whose bytes differ from what is on
                     disk or that are damaged.
   2. embed_shards   frozen BERT over the detokenized chunks of the shards
@@ -20,7 +22,7 @@ which readers derive (nothing about continuations is stored, so nothing about
 them can go stale).
 
 Shape glossary:
-  t: tokens of a document.   c: its chunks, ceil(t / m).
+  t: tokens of a document.   c: its chunks, ceil((t + 1) / m).
   n: chunks in a shard.      m: tokens per chunk (64).   D: embedding width.
 """
 
@@ -29,7 +31,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Union)
 
 import numpy as np
 import tqdm
@@ -37,28 +40,12 @@ import tqdm
 from retro_jax.config import CHUNK_SIZE, PAD_ID
 from retro_jax.core import files
 from retro_jax.corpus import vocab
+from retro_jax.corpus.packing import chunk_document, document_chunks
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db_format as fmt
 
 EMBEDDING_DTYPES = ("float32", "float16")
 _DOC_BATCH = 256  # Documents per SentencePiece call (it tokenizes in threads).
-
-
-def chunk_document(ids: np.ndarray, chunk_size: int = CHUNK_SIZE) -> np.ndarray:
-  """int [t] token ids -> int32 [ceil(t / m), m] chunks, the last 0-padded.
-
-  Raises ValueError for ids that are not 1-D or that contain the pad id 0
-  (padding must mean "no token" everywhere downstream).
-  """
-  ids = np.asarray(ids)
-  if ids.ndim != 1:
-    raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-  if np.any(ids == PAD_ID):
-    raise ValueError(f"ids contain the pad id {PAD_ID}")
-  c = -(-len(ids) // chunk_size)
-  out = np.zeros((c * chunk_size,), np.int32)  # [c * m]
-  out[:len(ids)] = ids
-  return out.reshape(c, chunk_size)  # [c, m]
 
 
 def spm_model_bytes(sp, spm_path: Optional[str]) -> bytes:
@@ -166,24 +153,34 @@ def _start_build(out_dir: str, build: Dict[str, Any], record: bool) -> None:
     fmt.write_json_atomic(os.path.join(out_dir, fmt.BUILD), build)
 
 
-def write_chunks(docs: Iterable[Document], sp, out_dir: str,
-                 shard_chunks: int = 65536, spm_path: Optional[str] = None,
-                 chunk_size: int = CHUNK_SIZE,
+def write_chunks(docs: Union[Iterable[Document],
+                              Mapping[str, Iterable[Document]]],
+                 sp, out_dir: str, shard_chunks: int = 65536,
+                 spm_path: Optional[str] = None, chunk_size: int = CHUNK_SIZE,
+                 sources: Optional[Mapping[str, Any]] = None,
                  progress: bool = True) -> Dict[str, Any]:
   """Stage 1: tokenizes and chunks `docs` into shards under `out_dir`.
 
   Args:
-    docs: the corpus, streamed once.
+    docs: the corpus, streamed once: one iterable, or {part name: iterable}
+      whose parts are written in order, each a contiguous range of chunk
+      ids (the build job writes part "train", the Task's training split,
+      first; training sequences are cut from it).
     sp: a SentencePieceProcessor (corpus/vocab.py).
     out_dir: the DB directory (created; a rerun resumes it).
     shard_chunks: chunks per shard (the last shard holds the rest).
     spm_path: the `.model` file of `sp`, whose bytes the DB records and
       copies (default: the processor's serialized model).
     chunk_size: m, tokens per chunk.
+    sources: {part name: what it was read from (corpus spec, split, byte
+      cap, meta filter)}, recorded with the part so that a Task can check
+      that the DB's training part is its training split.
     progress: show a tqdm bar.
   Returns:
-    A summary: counts of documents, chunks, tokens, text bytes, short and
-    skipped documents by reason, and shards written / reused.
+    A summary: counts of documents, chunks, tokens, padding, text bytes,
+    short and skipped documents by reason, shards written / reused, and
+    "parts": [{name, source, first_chunk, num_chunks, num_documents,
+    num_tokens, pad_tokens}].
   Raises:
     ValueError: the directory was built with another vocabulary, chunk or
       shard size, or is finalized and differs; or no document gave a chunk.
@@ -191,6 +188,9 @@ def write_chunks(docs: Iterable[Document], sp, out_dir: str,
   if shard_chunks < 1 or chunk_size < 1:
     raise ValueError(f"shard_chunks {shard_chunks} and chunk_size "
                      f"{chunk_size} must be positive")
+  if not isinstance(docs, Mapping):
+    docs = {"corpus": docs}
+  sources = dict(sources or {})
   spm_bytes = spm_model_bytes(sp, spm_path)
   build = {"format_version": fmt.FORMAT_VERSION,
            "spm_model_sha256": fmt.sha256_bytes(spm_bytes),
@@ -206,40 +206,50 @@ def write_chunks(docs: Iterable[Document], sp, out_dir: str,
   writer = _ShardWriter(out_dir, shard_chunks, chunk_size, manifest)
   skipped = dict(empty=0, invalid_unicode=0, empty_after_tokenization=0,
                  repeated_doc_id=0)
-  counts = dict(num_documents=0, num_chunks=0, num_tokens=0, text_bytes=0,
-                short_documents=0)
+  counts = dict(num_documents=0, num_chunks=0, num_tokens=0, pad_tokens=0,
+                text_bytes=0, short_documents=0)
+  parts = []
   last_id = None
   bar = tqdm.tqdm(desc="chunking", unit="doc", disable=not progress)
-  for batch in _batches(docs, _DOC_BATCH):
-    bar.update(len(batch))
-    kept = []
-    for doc in batch:
-      if not doc.text.strip():
-        skipped["empty"] += 1
-        continue
-      try:  # Lone surrogates (surrogateescape) have no UTF-8 form.
-        nbytes = len(doc.text.encode("utf-8"))
-      except UnicodeEncodeError:
-        skipped["invalid_unicode"] += 1
-        continue
-      kept.append((doc, nbytes))
-    for (doc, nbytes), ids in zip(kept, sp.encode([d.text for d, _ in kept])):
-      if not ids:
-        skipped["empty_after_tokenization"] += 1
-        continue
-      if doc.doc_id == last_id:
-        # Adjacent chunks with one id are read as one document's chunks and
-        # continuations; a repeat would join two documents.
-        skipped["repeated_doc_id"] += 1
-        continue
-      last_id = doc.doc_id
-      chunks = chunk_document(np.asarray(ids, np.int32), chunk_size)  # [c, m]
-      writer.add(chunks, doc.doc_id)
-      counts["num_documents"] += 1
-      counts["num_chunks"] += len(chunks)
-      counts["num_tokens"] += len(ids)
-      counts["text_bytes"] += nbytes
-      counts["short_documents"] += len(ids) < chunk_size
+  for name, part_docs in docs.items():
+    part = dict(name=name, source=sources.get(name),
+                first_chunk=counts["num_chunks"], num_chunks=0,
+                num_documents=0, num_tokens=0, pad_tokens=0)
+    for batch in _batches(part_docs, _DOC_BATCH):
+      bar.update(len(batch))
+      kept = []
+      for doc in batch:
+        if not doc.text.strip():
+          skipped["empty"] += 1
+          continue
+        try:  # Lone surrogates (surrogateescape) have no UTF-8 form.
+          nbytes = len(doc.text.encode("utf-8"))
+        except UnicodeEncodeError:
+          skipped["invalid_unicode"] += 1
+          continue
+        kept.append((doc, nbytes))
+      for (doc, nbytes), ids in zip(kept, sp.encode([d.text for d, _ in kept])):
+        if not ids:
+          skipped["empty_after_tokenization"] += 1
+          continue
+        if doc.doc_id == last_id:
+          # Adjacent chunks with one id are read as one document's chunks and
+          # continuations; a repeat would join two documents.
+          skipped["repeated_doc_id"] += 1
+          continue
+        last_id = doc.doc_id
+        chunks = document_chunks(np.asarray(ids, np.int32),
+                                 chunk_size)  # [c, m]
+        writer.add(chunks, doc.doc_id)
+        pad = chunks.size - len(ids) - 1  # The rest of the last chunk.
+        for c in (counts, part):
+          c["num_documents"] += 1
+          c["num_chunks"] += len(chunks)
+          c["num_tokens"] += len(ids)
+          c["pad_tokens"] += pad
+        counts["text_bytes"] += nbytes
+        counts["short_documents"] += len(ids) < chunk_size
+    parts.append(part)
   writer.flush()
   bar.close()
   num_shards = writer.index
@@ -256,7 +266,7 @@ def write_chunks(docs: Iterable[Document], sp, out_dir: str,
   summary = dict(counts, skipped=skipped, num_shards=num_shards,
                  shards_written=writer.written, shards_reused=writer.reused,
                  chunk_size=chunk_size, shard_chunks=shard_chunks,
-                 spm_model_sha256=build["spm_model_sha256"])
+                 spm_model_sha256=build["spm_model_sha256"], parts=parts)
   fmt.write_json_atomic(os.path.join(out_dir, fmt.BUILD),
                         dict(build, chunks=summary))
   if not counts["num_chunks"]:

@@ -43,7 +43,9 @@ import numpy as np
 
 from retro_jax.core import files
 
-FORMAT_VERSION = 1
+# 2: a document's chunks end with EOS, and the manifest lists its parts (the
+# training split first), so training sequences are runs of DB chunks.
+FORMAT_VERSION = 2
 BUILD = "build.json"
 MANIFEST = "manifest.json"
 SPM_MODEL = "spm.model"

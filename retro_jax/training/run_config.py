@@ -14,6 +14,8 @@ data fields took their present form are read in the present form
                         -> data.max_bytes {split: bytes}
   data.meta_filter      the string "key=value,..." -> data.meta {key: value}
   data.spm_model        -> data.spm_path
+  db.max_bytes          dropped: the DB now holds the training split, plus
+                        db.extra
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ def upgrade_legacy_fields(values: Mapping[str, Any],
   cannot be read.
   """
   values = dict(values)
+  if isinstance(values.get("db"), Mapping) and "max_bytes" in values["db"]:
+    values["db"] = {k: v for k, v in values["db"].items() if k != "max_bytes"}
   data = values.get("data")
   if not isinstance(data, Mapping):
     return values
