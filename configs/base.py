@@ -96,6 +96,18 @@ def get_config():
   config.db.embed_batch = 32            # Chunks per BERT forward pass.
   config.db.shard_chunks = 65536        # Chunks per DB shard.
   config.db.index = "auto"              # auto | scann | exact.
+  config.db.index_shard_chunks = 0      # Chunks per index shard, each built
+                                        # and searched on its own (results
+                                        # merged); 0 = one index.
+  config.db.table_candidates = 16       # Nearest chunks kept per DB chunk in
+                                        # the neighbour table (k survive the
+                                        # document filter; a row left short
+                                        # is searched again).
+  config.db.workers = 1                 # Beam workers of the embedding and
+                                        # neighbour-table stages.
+  config.db.runner = "FnApiRunner"      # Their Beam runner (multi-process
+                                        # with workers > 1); DataflowRunner
+                                        # on Google Cloud.
   config.db.recall_queries = 1000       # Held-in queries for recall@10.
 
   config.cache = ml_collections.ConfigDict()

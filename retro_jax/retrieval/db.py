@@ -29,12 +29,14 @@ import numpy as np
 
 from retro_jax.retrieval import db_format as fmt
 from retro_jax.retrieval.db_build import (CHUNK_SIZE, PAD_ID, chunk_document,
-                                          embed_shards, load_build,
+                                          embed_shard, embed_shards,
+                                          embedding_plan, load_build,
                                           write_chunks)
 from retro_jax.retrieval.db_format import IncompleteDBError
 
 __all__ = ["CHUNK_SIZE", "PAD_ID", "IncompleteDBError", "RetrievalDB",
-           "chunk_document", "embed_shards", "finalize", "update_manifest",
+           "chunk_document", "embed_shard", "embed_shards", "embedding_plan",
+           "finalize", "update_manifest",
            "write_chunks"]
 
 # Fields that describe the stored data; update_manifest may not touch them.
@@ -314,6 +316,31 @@ class RetrievalDB:
     chunk = self.chunk_tokens(cur) * valid[..., None]  # [..., m]
     cont = self.chunk_tokens(nxt) * same_doc[..., None]  # [..., m]
     return np.concatenate([chunk, cont], axis=-1).astype(np.int32)
+
+  def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
+    """float32 [..., D]: the stored embeddings of chunks `ids` (what BERT
+    gave for them when the DB was built: no BERT runs here)."""
+    return self._gather(self._embeddings, ids).astype(np.float32)
+
+  def embedding_range(self, first: int, count: int) -> np.ndarray:
+    """float32 [count, D]: the embeddings of chunks [first, first + count),
+    read from the memory maps of the shards they lie in (only this range is
+    loaded)."""
+    if not 0 <= first <= first + count <= self.num_chunks:
+      raise IndexError(f"range [{first}, {first + count}) is not within "
+                       f"[0, {self.num_chunks})")
+    out = np.empty((count, self.dim), np.float32)  # [count, D]
+    for s, emb in enumerate(self._embeddings):
+      lo, hi = self._offsets[s], self._offsets[s + 1]
+      a, b = max(first, lo), min(first + count, hi)
+      if a < b:
+        out[a - first:b - first] = emb[a - lo:b - lo]
+    return out
+
+  def shard_ranges(self) -> List[tuple]:
+    """(first chunk id, chunks) of every DB shard, in order."""
+    return [(int(a), int(b - a)) for a, b in
+            zip(self._offsets[:-1], self._offsets[1:])]
 
   def embedding_shards(self) -> List[np.ndarray]:
     """The memory-mapped embeddings, one [n, D] array per shard, in id

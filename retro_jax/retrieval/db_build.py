@@ -333,12 +333,70 @@ def _embed_shard(sdir: str, chunks: Dict[str, Any], sp, embedder,
       file={"sha256": fmt.sha256_file(path), "bytes": os.path.getsize(path)}))
 
 
+def embedding_plan(db_dir: str, embedder, dtype: str = "float32"
+                   ) -> Dict[str, Any]:
+  """What stage 2 has left: {"todo": [shard indices whose embeddings are
+  missing, stale or damaged], "done": [complete ones], "num_chunks": {i: n}}.
+
+  Raises:
+    ValueError: a shard was embedded with another embedder or dtype.
+    IncompleteDBError: stage 1 is unfinished or a chunk file is damaged.
+  """
+  if dtype not in EMBEDDING_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {EMBEDDING_DTYPES}")
+  build = load_build(db_dir)
+  want = {"name": embedder.name, "fingerprint": embedder.fingerprint,
+          "dtype": dtype}
+  todo, done, sizes = [], [], {}
+  for i in range(build["chunks"]["num_shards"]):
+    sdir = fmt.shard_dir(db_dir, i)
+    problem = fmt.chunks_problem(sdir, verify=True)
+    if problem:
+      raise fmt.IncompleteDBError(f"{db_dir}: {problem}; rerun write_chunks")
+    chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+    sizes[i] = chunks["num_chunks"]
+    record = fmt.read_json(os.path.join(sdir, fmt.EMBEDDINGS_RECORD))
+    if record is not None:
+      _check_embedder(record, want, os.path.join(db_dir, fmt.shard_name(i)))
+    if fmt.embeddings_problem(sdir, chunks, verify=True) is None:
+      done.append(i)
+    else:
+      todo.append(i)
+  return {"todo": todo, "done": done, "num_chunks": sizes}
+
+
+def embed_shard(db_dir: str, index: int, embedder, batch_size: int = 256,
+                dtype: str = "float32", bar=None) -> int:
+  """Embeds shard `index` of a DB whose stage 1 has finished, whatever its
+  state (one unit of work for any scheduler: a loop, a Beam DoFn). Its
+  files are written whole, record last, so a killed call leaves the shard
+  unembedded, never half-embedded. Returns the number of chunks embedded.
+  """
+  build = load_build(db_dir)
+  spm_file = os.path.join(db_dir, fmt.SPM_MODEL)
+  if (not os.path.isfile(spm_file)
+      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
+    raise fmt.IncompleteDBError(f"{spm_file} is missing or damaged: rerun "
+                                f"write_chunks")
+  sdir = fmt.shard_dir(db_dir, index)
+  problem = fmt.chunks_problem(sdir, verify=True)
+  if problem:
+    raise fmt.IncompleteDBError(f"{db_dir}: {problem}; rerun write_chunks")
+  chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+  want = {"embedder": {"name": embedder.name,
+                       "fingerprint": embedder.fingerprint}, "dtype": dtype}
+  _embed_shard(sdir, chunks, vocab.load(spm_file), embedder, want,
+               batch_size, bar if bar is not None else tqdm.tqdm(
+                   disable=True))
+  return chunks["num_chunks"]
+
+
 def embed_shards(db_dir: str, embedder, shard_index: int = 0,
                  num_shards: int = 1, batch_size: int = 256,
                  dtype: str = "float32",
                  progress: bool = True) -> Dict[str, Any]:
-  """Stage 2: embeds this worker's shards (shard i goes to worker
-  i % num_shards), skipping those whose embeddings are complete.
+  """Stage 2 in this process: embeds the shards i with i % num_shards ==
+  shard_index that are not complete (`embedding_plan`, `embed_shard`).
 
   Args:
     db_dir: a DB whose write_chunks has finished.
@@ -359,38 +417,13 @@ def embed_shards(db_dir: str, embedder, shard_index: int = 0,
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} must lie in [0, "
                      f"num_shards={num_shards})")
-  if dtype not in EMBEDDING_DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not one of {EMBEDDING_DTYPES}")
-  build = load_build(db_dir)
-  spm_file = os.path.join(db_dir, fmt.SPM_MODEL)
-  if (not os.path.isfile(spm_file)
-      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
-    raise fmt.IncompleteDBError(f"{spm_file} is missing or damaged: rerun "
-                                f"write_chunks")
-  sp = vocab.load(spm_file)
-  want = {"embedder": {"name": embedder.name,
-                       "fingerprint": embedder.fingerprint}, "dtype": dtype}
-  todo, skipped = [], []
-  for i in range(shard_index, build["chunks"]["num_shards"], num_shards):
-    sdir = fmt.shard_dir(db_dir, i)
-    problem = fmt.chunks_problem(sdir, verify=True)
-    if problem:
-      raise fmt.IncompleteDBError(f"{db_dir}: {problem}; rerun write_chunks")
-    chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
-    record = fmt.read_json(os.path.join(sdir, fmt.EMBEDDINGS_RECORD))
-    if record is not None:
-      _check_embedder(record, dict(want["embedder"], dtype=dtype),
-                      os.path.join(db_dir, fmt.shard_name(i)))
-    if fmt.embeddings_problem(sdir, chunks, verify=True) is None:
-      skipped.append(i)
-    else:
-      todo.append((i, chunks))
-  total = sum(c["num_chunks"] for _, c in todo)
+  plan = embedding_plan(db_dir, embedder, dtype)
+  mine = lambda ids: [i for i in ids if i % num_shards == shard_index]
+  todo, skipped = mine(plan["todo"]), mine(plan["done"])
+  total = sum(plan["num_chunks"][i] for i in todo)
   bar = tqdm.tqdm(total=total, unit="chunk", disable=not progress,
                   desc=f"embedding (worker {shard_index}/{num_shards})")
-  for i, chunks in todo:
-    _embed_shard(fmt.shard_dir(db_dir, i), chunks, sp, embedder, want,
-                 batch_size, bar)
+  for i in todo:
+    embed_shard(db_dir, i, embedder, batch_size, dtype, bar)
   bar.close()
-  return {"embedded": [i for i, _ in todo], "skipped": skipped,
-          "chunks_embedded": total}
+  return {"embedded": todo, "skipped": skipped, "chunks_embedded": total}

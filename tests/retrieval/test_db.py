@@ -12,6 +12,8 @@ import os
 import shutil
 
 import numpy as np
+
+from retro_jax.config import EOS_ID
 import pytest
 
 from retro_jax.corpus import sources, vocab
@@ -116,7 +118,7 @@ def test_chunks_doc_ids_and_continuations(reference, corpus, spm):
   path, summary = reference
   db = RetrievalDB.open(path, spm_path=spm_path)
   encoded = [np.asarray(sp.encode(d.text), np.int32) for d in corpus]
-  counts = [-(-len(ids) // M) for ids in encoded]
+  counts = [-(-(len(ids) + 1) // M) for ids in encoded]  # + EOS.
   assert db.num_chunks == sum(counts) == summary["num_chunks"] > 150
   assert summary["num_documents"] == db.manifest["num_documents"] == len(
       corpus)
@@ -125,7 +127,14 @@ def test_chunks_doc_ids_and_continuations(reference, corpus, spm):
   assert db.manifest["text_bytes"] == sum(len(d.text.encode())
                                           for d in corpus)
   ids = np.arange(db.num_chunks)
-  want_tokens = np.concatenate([db_lib.chunk_document(e) for e in encoded])
+  want_tokens = np.concatenate([db_lib.chunk_document(np.append(e, EOS_ID))
+                                for e in encoded])
+  # Every document ends with EOS, then padding to its last chunk's end.
+  assert (want_tokens == EOS_ID).sum() == len(corpus)
+  assert db.manifest["pad_tokens"] == want_tokens.size - sum(
+      len(e) + 1 for e in encoded)
+  part, = db.manifest["parts"]
+  assert (part["first_chunk"], part["num_chunks"]) == (0, db.num_chunks)
   want_docs = np.repeat([d.doc_id for d in corpus], counts)
   np.testing.assert_array_equal(db.chunk_tokens(ids), want_tokens)
   np.testing.assert_array_equal(db.doc_ids_of(ids), want_docs)
@@ -195,7 +204,7 @@ def test_skipped_and_short_documents(spm, tmp_path):
   short = np.asarray(sp.encode("x = 1\n"))
   assert len(short) < M
   np.testing.assert_array_equal(tokens[0, :len(short)], short)
-  assert not tokens[0, len(short):].any()
+  assert tokens[0, len(short)] == EOS_ID and not tokens[0, len(short) + 1:].any()
   assert summary["num_chunks"] == 1 + -(-len(sp.encode(docs[-1].text)) // M)
 
 
