@@ -1,9 +1,11 @@
 r"""Precomputes the neighbours of a RETRO Task's splits (seqio's cache job).
 
-Every 64-token chunk of every packed sequence is embedded with the frozen
-BERT and its k nearest DB chunks are retrieved (documents of its own sequence
-excluded); the examples are written as a seqio cache that training reads
-with `retro_jax.data.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
+The training split is read from the DB as runs of its chunks, and every
+chunk's k nearest DB chunks are looked up in the DB's neighbour table (no
+BERT); held-out splits, text not in the DB, are chunked the same way,
+embedded with the frozen BERT and searched. Documents of a chunk's own
+sequence are excluded either way. The examples are written as a seqio cache
+that training reads with `retro_jax.data.tasks.batches`. Runs Apache Beam in-process (FnApiRunner,
 nothing touches the network); a rerun over a complete cache does nothing, a
 crashed one is rebuilt.
 
@@ -19,10 +21,12 @@ config.model.num_neighbours; training and evaluation read the cache with
 the same config.
 
 Prints a progress bar per split and a summary: sequences, chunks, neighbours
-dropped by the same-document filter, missing neighbours, seconds.
+dropped by the same-document filter, chunks searched again because their
+table row ran short, chunks left short of k neighbours, seconds.
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -48,11 +52,15 @@ def main(argv):
   if not (config.data.db_dir and config.data.cache_dir):
     raise app.UsageError("config.data.db_dir and config.data.cache_dir "
                          "must both be set")
-  task = tasks.register_from_config(config)
-  summary = tasks.cache_task(task.name, config.data.cache_dir,
-                             runner=config.cache.runner,
-                             overwrite=_OVERWRITE.value,
-                             num_files=config.cache.num_files)
+  try:
+    task = tasks.register_from_config(config)
+    summary = tasks.cache_task(task.name, config.data.cache_dir,
+                               runner=config.cache.runner,
+                               overwrite=_OVERWRITE.value,
+                               num_files=config.cache.num_files)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 

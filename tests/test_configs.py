@@ -43,8 +43,8 @@ INTENDED = {
     "quickstart.py": _SMALL_RUN | {
         "checkpoint.keep", "data.source", "data.task_name", "data.corpus",
         "data.max_bytes.train", "data.max_bytes.validation",
-        "data.db_dir", "data.cache_dir", "db.max_bytes", "db.vocab_size",
-        "db.spm_train_bytes"},
+        "data.db_dir", "data.cache_dir", "db.vocab_size",
+        "db.spm_train_bytes", "db.shard_chunks", "db.workers"},
     "retro.py": {"model", "data.source", "data.task_name", "data.corpus",
                  "mesh.data", "mesh.fsdp"},
     "bench.py": _SMALL_RUN - {"checkpoint.every"} | {

@@ -46,7 +46,8 @@ gfile = tf.io.gfile
 
 COMPLETED = "COMPLETED"
 RETRO_TASK = "retro_task.json"
-STATS_FEATURE = "retrieval_stats"  # int64 [3] per sequence, never written.
+# int64 [4] per sequence: chunks, dropped, missing, searched; never written.
+STATS_FEATURE = "retrieval_stats"
 COMMAND = ("python scripts/cache_tasks.py --config=<the run config> "
            "--config.data.task_name={task} --config.data.cache_dir={cache_dir}")
 
@@ -171,13 +172,12 @@ def _remove_split(directory: str, split: str) -> None:
 
 
 def _stats_of(ex: Mapping[str, Any]):
-  """(sequences, chunks, dropped, missing) of one example."""
-  chunks, dropped, missing = (int(v) for v in ex[STATS_FEATURE])
-  return (1, chunks, dropped, missing)
+  """(sequences, chunks, dropped, missing, searched) of one example."""
+  return (1, *(int(v) for v in ex[STATS_FEATURE]))
 
 
 def _sum_tuples(rows):
-  total = [0, 0, 0, 0]
+  total = [0, 0, 0, 0, 0]
   for row in rows:
     total = [a + b for a, b in zip(total, row)]
   return total
@@ -212,10 +212,11 @@ def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
     _ = (clean | f"{split}_stats" >> beam_utils.GetStats(task.output_features)
          | f"{split}_write_stats" >> beam_utils.WriteJson(
              seqio.get_cached_stats_path(directory, split)))
-  sequences, chunks, dropped, missing = read_json(counts_path)
+  sequences, chunks, dropped, missing, searched = read_json(counts_path)
   gfile.remove(counts_path)
   return {"sequences": sequences, "chunks": chunks, "dropped": dropped,
-          "missing": missing}
+          "missing": missing, "searched": searched,
+          "from_db": split in (spec_of(task) or {}).get("from_db", ())}
 
 
 def cache_task(name: str, cache_dir: str,
@@ -237,8 +238,10 @@ def cache_task(name: str, cache_dir: str,
       every host read whole files; 1 shards by example).
     log: where progress and the summary go.
   Returns:
-    The summary: per split {sequences, chunks, dropped, missing, seconds,
-    sequences_per_s}, plus "skipped": True when a complete cache was reused.
+    The summary: per split {sequences, chunks, dropped, missing (neighbour
+    slots left empty), searched (chunks searched again because the table
+    row ran short), from_db, seconds, sequences_per_s}, plus "skipped":
+    True when a complete cache was reused.
   Raises:
     ValueError: a split yields no sequence (corpus slice too small).
   """
@@ -286,10 +289,14 @@ def cache_task(name: str, cache_dir: str,
     counts.update(seconds=round(seconds, 2),
                   sequences_per_s=round(counts["sequences"] / seconds, 2))
     summary[split] = counts
-    log(f"{name}:{split}: {counts['sequences']:,} sequences, "
+    how = ("DB chunks, neighbours looked up in the table"
+           if counts["from_db"] else "text outside the DB, embedded")
+    log(f"{name}:{split}: {counts['sequences']:,} sequences ({how}), "
         f"{counts['chunks']:,} chunks, {counts['dropped']:,} neighbours "
-        f"dropped by the document filter, {counts['missing']:,} missing, "
-        f"{seconds:.1f} s ({counts['sequences_per_s']} sequences/s)")
+        f"dropped by the document filter, {counts['searched']:,} chunks "
+        f"searched again, {counts['missing']:,} chunks short of k "
+        f"neighbours, {seconds:.1f} s "
+        f"({counts['sequences_per_s']} sequences/s)")
   record = {"task": name, "splits": sorted(summary), "summary": summary,
             "spec": spec, "finished": time.time()}
   _write_atomic(os.path.join(directory, RETRO_TASK),

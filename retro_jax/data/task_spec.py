@@ -24,7 +24,8 @@ from retro_jax.retrieval import db_format
 
 # Bumped when the cached examples change meaning (tokenization, packing,
 # neighbour values): caches of another version are refused and rebuilt.
-CACHE_FORMAT = 1
+# 2: sequences are runs of chunks cut as the DB cuts them (EOS, padding).
+CACHE_FORMAT = 2
 
 # Keys of a record that hold the per-split text limits (both forms).
 _LIMIT_KEYS = ("max_bytes", "split_max_bytes")
@@ -38,14 +39,17 @@ def normalize_path(path: str) -> str:
 
 def task_spec(*, corpus: str, spm_path: str, db_dir: str, seq_len: int,
               num_neighbours: int, max_bytes: Mapping[str, int],
-              meta: Mapping[str, str],
-              manifest: Mapping[str, Any]) -> Dict[str, Any]:
+              meta: Mapping[str, str], manifest: Mapping[str, Any],
+              from_db: Sequence[str] = (),
+              table: Optional[str] = None) -> Dict[str, Any]:
   """The spec of a Task (JSON-serializable).
 
   Args:
     corpus, spm_path, db_dir, seq_len, num_neighbours, max_bytes, meta: as
       given to `tasks.register_retro_task`.
-    manifest: the DB's manifest (chunk count, embedder, index).
+    manifest: the DB's manifest (chunk count, shards, embedder, index).
+    from_db: the splits read from the DB's training part.
+    table: the identity of the DB's neighbour table, if a split uses it.
   """
   return {"cache_format": CACHE_FORMAT, "corpus": corpus, "seq_len": seq_len,
           "num_neighbours": num_neighbours,
@@ -57,7 +61,12 @@ def task_spec(*, corpus: str, spm_path: str, db_dir: str, seq_len: int,
           "db_dir": normalize_path(db_dir),
           "db_num_chunks": manifest["num_chunks"],
           "db_embedder": manifest["embedder"]["fingerprint"],
-          "db_index": manifest.get("index")}
+          "db_index": manifest.get("index"),
+          # The chunks themselves: any edit of the DB changes this.
+          "db_shards": db_format.sha256_bytes(repr(
+              [(sh["name"], sh["files"]) for sh in manifest["shards"]]
+          ).encode()),
+          "from_db": sorted(from_db), "db_table": table}
 
 
 def split_limit(spec: Mapping[str, Any], split: str) -> Optional[int]:

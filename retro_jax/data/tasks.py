@@ -1,8 +1,10 @@
 """seqio Tasks for RETRO: registration, and the entry points around them.
 
-A RETRO Task reads a corpus and runs the steps of preprocessors.py:
+A RETRO Task runs the steps of preprocessors.py:
 
-  corpus ─► tokenize ─► pack_sequences ─► attach_neighbours
+  chunk_sequences (the source: the DB's training part read as runs of DB
+  chunks, other splits tokenized and chunked as the DB chunks)
+   ─► attach_neighbours (table lookups for DB chunks, BERT otherwise)
    ─► CacheDatasetPlaceholder(required=True)
        ══ offline: cache_task (cache_job.py, Beam) writes the examples
    ─► online: batches (batches.py) reads them, RetroFeatureConverter adds
@@ -35,6 +37,7 @@ from retro_jax.data import task_spec
 from retro_jax.data.batches import batches  # pylint: disable=unused-import
 from retro_jax.data.cache_job import cache_task  # pylint: disable=unused-import
 from retro_jax.retrieval import db as dblib
+from retro_jax.retrieval.neighbour_table import NeighbourTable
 from retro_jax.retrieval import sequence_neighbours
 
 SHUFFLE_BUFFER_SIZE = 10_000
@@ -76,11 +79,17 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
     retrieval_batch: sequences per retrieval call in the cache job.
   Returns:
     The registered `RetroTask`; features tokens int32 [n], doc_ids int64
-    [n], neighbours int32 [L, k, r].
+    [n], neighbours int32 [L, k, r]. A split whose text is the DB's
+    training part (same corpus, split, byte cap and meta filter) is read
+    from the DB as runs of its chunks and looks neighbours up in its
+    table (`task.spec["from_db"]` lists those splits); the others are
+    tokenized, chunked as the DB chunks, embedded and searched.
   Raises:
     ValueError: seq_len not a multiple of chunk_size, no split, or
       `spm_path` is not the DB's vocabulary (named).
     IncompleteDBError: `db_dir` is not a finalized DB.
+    ValueError: a split reads the DB but its neighbour table is missing or
+      stale (named, with the command that builds it).
   """
   if seq_len <= 0 or seq_len % chunk_size:
     raise ValueError(f"seq_len {seq_len} must be a positive multiple of the "
@@ -101,22 +110,27 @@ def register_retro_task(name: str, *, corpus: str, spm_path: str,
                                   rank=3),
   }
   source = seqio.FunctionDataSource(
-      functools.partial(preprocessors.corpus_documents, corpus=corpus,
-                        max_bytes=max_bytes, meta=meta),
+      functools.partial(preprocessors.chunk_sequences, corpus=corpus,
+                        max_bytes=max_bytes, meta=meta, db_dir=db_dir,
+                        spm_path=spm_path, seq_len=seq_len,
+                        chunk_size=chunk_size),
       splits=tuple(max_bytes))
   steps = [
-      functools.partial(preprocessors.tokenize, spm_path=spm_path),
-      functools.partial(preprocessors.pack_sequences, seq_len=seq_len),
       functools.partial(preprocessors.attach_neighbours, db_dir=db_dir,
                         spm_path=spm_path, num_neighbours=num_neighbours,
                         embedder=embedder, embed_batch=embed_batch,
                         chunk_size=chunk_size, batch_size=retrieval_batch),
       seqio.CacheDatasetPlaceholder(required=True),
   ]
+  from_db = [split for split in max_bytes if preprocessors.reads_db(
+      split, corpus=corpus, max_bytes=max_bytes, meta=meta,
+      db_part=db.part(preprocessors.DB_PART))]
+  table = NeighbourTable.open(db_dir) if from_db else None
   spec = task_spec.task_spec(
       corpus=corpus, spm_path=spm_path, db_dir=db_dir, seq_len=seq_len,
       num_neighbours=num_neighbours, max_bytes=max_bytes, meta=meta,
-      manifest=db.manifest)
+      manifest=db.manifest, from_db=from_db,
+      table=table.identity if table else None)
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source, preprocessors=steps, output_features=features,
@@ -166,9 +180,12 @@ def register_from_config(config) -> RetroTask:
   """Registers the Task a run config (configs/*.py) describes: corpus,
   splits and paths from config.data, the embedder from config.db, the
   retrieval batches from config.cache, n from config.train.seq_len and k
-  from config.model.num_neighbours."""
+  from config.model.num_neighbours.
+
+  Raises ValueError when the training split (config.data.split) is not
+  the DB's training part: every training chunk must be a DB chunk."""
   data = config.data
-  return register_retro_task(
+  task = register_retro_task(
       data.task_name, corpus=data.corpus,
       spm_path=sequence_neighbours.default_spm_path(data.spm_path,
                                                     data.db_dir),
@@ -177,3 +194,12 @@ def register_from_config(config) -> RetroTask:
       max_bytes=dict(data.max_bytes), meta=dict(data.meta),
       embedder=config.db.embedder, embed_batch=config.cache.embed_batch,
       retrieval_batch=config.cache.retrieval_batch)
+  if data.split not in task.spec["from_db"]:
+    db = dblib.RetrievalDB.open(data.db_dir)
+    raise ValueError(
+        f"the training split {data.split!r} of Task {data.task_name!r} is "
+        f"not the text of the DB's training part: {data.db_dir} holds "
+        f"{db.part(preprocessors.DB_PART)['source']}, the Task reads "
+        f"{preprocessors.split_source(data.split, data.corpus, dict(data.max_bytes), dict(data.meta))}"
+        f"; rebuild the DB with scripts/build_db.py and this run config")
+  return task

@@ -263,7 +263,10 @@ def write_chunks(docs: Union[Iterable[Document],
     if (name.startswith("shard-") and name[6:].isdigit()
         and int(name[6:]) >= num_shards):
       shutil.rmtree(os.path.join(shards_root, name))  # From a longer corpus.
-  summary = dict(counts, skipped=skipped, num_shards=num_shards,
+  positions = counts["num_chunks"] * chunk_size
+  summary = dict(counts, pad_percent=round(
+      100 * counts["pad_tokens"] / max(positions, 1), 2),
+                 skipped=skipped, num_shards=num_shards,
                  shards_written=writer.written, shards_reused=writer.reused,
                  chunk_size=chunk_size, shard_chunks=shard_chunks,
                  spm_model_sha256=build["spm_model_sha256"], parts=parts)

@@ -34,7 +34,7 @@ class Neighbours(NamedTuple):
   dists: np.ndarray  # float32 [q, k] squared L2; +inf where ids is -1.
 
 
-def _filter_rows(ids: np.ndarray, dists: np.ndarray, docs: np.ndarray,
+def filter_rows(ids: np.ndarray, dists: np.ndarray, docs: np.ndarray,
                  exclude: Sequence[Collection[int]],
                  k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Keeps, per row, the first k candidates whose document is not excluded.
@@ -91,7 +91,7 @@ def search_filtered(searcher: Searcher, queries: np.ndarray, k: int,
     docs = np.zeros(cand.shape, np.int64)  # [t, c]
     valid = cand >= 0
     docs[valid] = np.asarray(doc_ids_of(cand[valid]), np.int64)
-    got, got_dists, count = _filter_rows(
+    got, got_dists, count = filter_rows(
         cand, cand_dists, docs, [exclude[i] for i in todo], k)
     ids[todo], dists[todo] = got, got_dists
     if fetch >= searcher.n:  # Searched everything: what is left is all.

@@ -1,6 +1,8 @@
 """RETRO seqio Tasks end to end on a slice of the standard library: a freshly
-trained SentencePiece model, a real DB (real MiniLM, exact index), the
-neighbour precompute in Beam (FnApiRunner), and the online batches."""
+trained SentencePiece model, a real DB over the training split (real MiniLM,
+exact index, neighbour table), the neighbour precompute in Beam
+(FnApiRunner): table lookups for the training split, BERT for held-out
+text; and the online batches."""
 
 import os
 import shutil
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 import seqio
 
+from retro_jax.config import EOS_ID
 from retro_jax.corpus import packing
+from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
 from retro_jax.data import batches as batches_lib
 from retro_jax.data import cache_job
@@ -20,8 +24,7 @@ from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
 
-DB_BYTES = 25_000      # The DB: the first files of the stdlib (~300 chunks).
-MAX_BYTES = 20_000     # Per Task split (the train split lies inside the DB).
+MAX_BYTES = 20_000     # Per Task split; the DB holds the training split.
 SPLIT_BYTES = {"train": MAX_BYTES, "validation": MAX_BYTES}
 SEQ_LEN = 256
 K = 2
@@ -33,10 +36,11 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("tasks")
   db_dir, spm_path = str(root / "db"), str(root / "spm.model")
   embedder = BertEmbedder.load()
-  vocab.train([d.text for d in build_job.documents("python_stdlib", 150_000)],
+  vocab.train([d.text for d in sources.python_stdlib(max_bytes=150_000)],
               spm_path, vocab_size=512)
   build_job.build_database(
-      db_dir, lambda: build_job.documents("python_stdlib", DB_BYTES),
+      db_dir, {"train": sources.text_source("python_stdlib", "train",
+                                            MAX_BYTES)},
       spm_path, embedder, shard_chunks=100, log=lambda _: None)
   task = tasks.register_retro_task(
       NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
@@ -80,7 +84,11 @@ def test_batches_have_the_model_shapes_and_dtypes(setup):
   for v in batch.values():
     assert v.dtype == np.int32
   assert (batch["loss_mask"] == (batch["tokens"] != 0)).all()
-  assert batch["loss_mask"].all()              # Packed: no padding.
+  # Padding only ends a document's last chunk, right after its EOS.
+  chunks = batch["tokens"].reshape(-1, 64)
+  for c in chunks[(chunks == 0).any(-1)]:
+    first_pad = np.argmax(c == 0)
+    assert c[first_pad - 1] == EOS_ID and not c[first_pad:].any()
   assert (batch["neighbours"][..., :64] != 0).any(-1).all()  # All found.
 
 
@@ -93,28 +101,91 @@ def test_summary_counts_and_rerun_skips(setup):
     assert s["sequences"] == cached.num_input_examples(split) > 0
     assert s["chunks"] == s["sequences"] * SEQ_LEN // 64
     assert s["missing"] == 0
-  # Train sequences are DB text: each chunk's nearest is itself, dropped.
-  assert summary["train"]["dropped"] >= summary["train"]["chunks"] // 2
+  # The training split is the DB's: looked up; held-out text is embedded.
+  assert summary["train"]["from_db"] and not summary["validation"]["from_db"]
+  assert setup["task"].spec["from_db"] == ["train"]
+  assert summary["validation"]["searched"] == summary["validation"]["chunks"]
+  assert summary["train"]["searched"] < summary["train"]["chunks"]
+  # Train sequences are DB chunks: each chunk's nearest is itself, dropped.
+  assert summary["train"]["dropped"] >= summary["train"]["chunks"]
   assert any("dropped by the document filter" in l for l in setup["lines"])
   again = tasks.cache_task(NAME, setup["cache_dir"], log=lambda _: None)
   assert again["skipped"] and again["train"] == summary["train"]
 
 
-def test_sequences_are_the_packed_db_tokenization(setup):
-  """The Task tokenizes and packs as the DB and packing.pack do."""
-  task, sp = setup["task"], setup["sp"]
-  ds = task.source.get_dataset("train", shuffle=False)
-  ds = preprocessors.pack_sequences(
-      preprocessors.tokenize(ds, spm_path=setup["spm_path"]),
-      seq_len=SEQ_LEN)
-  got = list(ds.as_numpy_iterator())
-  docs = build_job.documents("python_stdlib", MAX_BYTES, split="train")
-  want = list(packing.pack(((d.doc_id, sp.encode(d.text)) for d in docs),
-                           SEQ_LEN))
-  assert len(got) == len(want) == setup["summary"]["train"]["sequences"]
-  for g, (tokens, doc_ids) in zip(got, want):
+def _source_sequences(setup, split):
+  ds = setup["task"].source.get_dataset(split, shuffle=False)
+  return list(ds.as_numpy_iterator())
+
+
+def test_training_sequences_are_runs_of_db_chunks(setup):
+  """Every training chunk is a DB chunk with a known id, cut as the corpus
+  tokenized and chunked document by document (packing.pack_chunks)."""
+  db, sp = setup["db"], setup["sp"]
+  got = _source_sequences(setup, "train")
+  part = db.part("train")
+  assert part["first_chunk"] == 0
+  assert len(got) == part["num_chunks"] // (SEQ_LEN // 64) == setup[
+      "summary"]["train"]["sequences"]
+  docs = sources.python_stdlib("train", max_bytes=MAX_BYTES)
+  want = list(packing.pack_chunks(
+      ((d.doc_id, sp.encode(d.text)) for d in docs), SEQ_LEN))
+  assert len(want) == len(got)
+  for s, (g, (tokens, doc_ids)) in enumerate(zip(got, want)):
+    ids = np.arange(s * SEQ_LEN // 64, (s + 1) * SEQ_LEN // 64)
+    np.testing.assert_array_equal(g["chunk_ids"], ids)
     np.testing.assert_array_equal(g["tokens"], tokens)
     np.testing.assert_array_equal(g["doc_ids"], doc_ids)
+    np.testing.assert_array_equal(g["tokens"].reshape(-1, 64),
+                                  db.chunk_tokens(ids))
+
+
+def test_held_out_sequences_are_chunked_as_the_db_chunks(setup):
+  sp = setup["sp"]
+  got = _source_sequences(setup, "validation")
+  docs = sources.python_stdlib("validation", max_bytes=MAX_BYTES)
+  want = list(packing.pack_chunks(
+      ((d.doc_id, sp.encode(d.text)) for d in docs), SEQ_LEN))
+  assert len(got) == len(want) > 0
+  for g, (tokens, doc_ids) in zip(got, want):
+    assert (g["chunk_ids"] == -1).all()          # Not in the DB.
+    np.testing.assert_array_equal(g["tokens"], tokens)
+    np.testing.assert_array_equal(g["doc_ids"], doc_ids)
+
+
+def test_table_lookups_equal_searching_with_the_stored_embeddings(setup):
+  """The table path gives exactly the neighbours that searching the index
+  with each chunk's stored embedding gives, with the same document filter;
+  a table row that the filter empties is searched again, to the same end."""
+  db, sp = setup["db"], setup["sp"]
+  got = _source_sequences(setup, "train")
+  chunk_ids = np.stack([g["chunk_ids"] for g in got])      # [S, L]
+  tokens = np.stack([g["tokens"] for g in got])            # [S, n]
+  doc_ids = np.stack([g["doc_ids"] for g in got])          # [S, n]
+  lookup = sequence_neighbours.load_table(setup["db_dir"])
+  nb, stats = sequence_neighbours.neighbours_from_table(lookup, chunk_ids, K)
+  retriever, _ = sequence_neighbours.load_retriever(
+      setup["db_dir"], setup["spm_path"], setup["embedder"])
+  want, want_stats = sequence_neighbours.neighbours_for_sequences(
+      retriever, sp, tokens, doc_ids, K,
+      embeddings=db.embeddings_of(chunk_ids.reshape(-1)))
+  np.testing.assert_array_equal(nb, want)
+  assert stats["dropped"] == want_stats["dropped"]
+  assert stats["missing"] == 0 and stats["searched"] < stats["chunks"]
+
+  class FirstColumn:  # The same table with one candidate per chunk: itself.
+    candidates = 1
+    def lookup(self, ids):
+      cand, dists = lookup.table.lookup(ids)
+      return cand[..., :1], dists[..., :1]
+
+  short = sequence_neighbours.TableLookup.__new__(
+      sequence_neighbours.TableLookup)
+  short.__dict__.update(lookup.__dict__, table=FirstColumn())
+  again, again_stats = sequence_neighbours.neighbours_from_table(
+      short, chunk_ids, K)
+  np.testing.assert_array_equal(again, want)
+  assert again_stats["searched"] == again_stats["chunks"]
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
@@ -255,7 +326,7 @@ def test_crashed_cache_job_leaves_no_complete_cache(setup, tmp_path):
 
 def test_vocabulary_not_matching_the_db_names_the_file(setup, tmp_path):
   other = str(tmp_path / "other.model")
-  vocab.train([d.text for d in build_job.documents("python_stdlib", 100_000)],
+  vocab.train([d.text for d in sources.python_stdlib(max_bytes=100_000)],
               other, vocab_size=600)
   with pytest.raises(ValueError, match="other.model"):
     tasks.register_retro_task(
@@ -456,11 +527,10 @@ def test_max_bytes_limits_each_split_and_is_part_of_its_identity(setup):
   another validation limit is refused the validation cache, naming the
   field, and still reads the train cache."""
   def text_bytes(split, **limits):
-    ds = preprocessors.corpus_documents(
-        split, False, corpus="python_stdlib",
-        max_bytes=dict(dict(train=60_000, validation=60_000), **limits),
-        meta={})
-    return sum(len(x["text"]) for x in ds.as_numpy_iterator())
+    source = preprocessors.split_source(
+        split, "python_stdlib",
+        dict(dict(train=60_000, validation=60_000), **limits), {})
+    return sum(len(d.text) for d in sources.source_documents(source))
 
   small = text_bytes("validation", validation=5_000)
   assert 5_000 <= small < text_bytes("validation")
@@ -495,3 +565,19 @@ def test_a_run_config_registers_the_task_its_cache_was_built_for(setup):
   batch = next(iter(tasks.batches(NAME, "train", batch_size=2,
                                   cache_dir=setup["cache_dir"])))
   assert batch["neighbours"].shape == (2, SEQ_LEN // 64, K, 128)
+
+
+def test_a_training_split_outside_the_db_is_refused_naming_both(setup):
+  """The cache job's registration from a run config insists that the
+  training split is the DB's training part: every training chunk must be
+  a DB chunk."""
+  from retro_jax.training import run_config  # pylint: disable=g-import-not-at-top
+  config = run_config.base_config()
+  config.data.update(dict(task_name="retro_test_outside",
+                          corpus="python_stdlib", db_dir=setup["db_dir"],
+                          spm_path=setup["spm_path"]))
+  config.data.max_bytes.update(dict(train=2 * MAX_BYTES, validation=0))
+  config.train.seq_len, config.model.num_neighbours = SEQ_LEN, K
+  with pytest.raises(ValueError, match="not the text of the DB") as e:
+    tasks.register_from_config(config)
+  assert "40000" in str(e.value) and "20000" in str(e.value)

@@ -56,7 +56,7 @@ def db_dir(workdir):
   vocab.train([d.text for d in docs], os.path.join(workdir, "spm.model"),
               2048)
   build_job.build_database(
-      path, lambda: build_job.documents("python_stdlib", 30_000),
+      path, {"train": sources.text_source("python_stdlib", "train", 30_000)},
       os.path.join(workdir, "spm.model"), BertEmbedder.load(),
       vocab_size=2048, spm_train_bytes=300_000, shard_chunks=100,
       log=lambda _: None)

@@ -9,6 +9,7 @@ import pytest
 from retro_jax.inference import sampling
 from retro_jax.config import RetroConfig
 from retro_jax.model.network import Retro
+from retro_jax.corpus import sources
 from retro_jax.retrieval import build_job
 from retro_jax.retrieval import sequence_neighbours
 from retro_jax.retrieval.embedder import BertEmbedder
@@ -37,7 +38,7 @@ def small_db(tmp_path_factory):
   db_dir = str(root / "db")
   embedder = BertEmbedder.load()
   build_job.build_database(
-      db_dir, lambda: build_job.documents("python_stdlib", 30_000),
+      db_dir, {"train": sources.text_source("python_stdlib", "train", 30_000)},
       str(root / "spm.model"), embedder, vocab_size=512,
       spm_train_bytes=200_000, shard_chunks=100, log=lambda _: None)
   retriever, sp = sequence_neighbours.load_retriever(
