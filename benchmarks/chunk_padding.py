@@ -37,7 +37,8 @@ def padding_of(corpus: str, sp, split, max_bytes: int) -> dict:
           "pad_per_document": round(pad / max(docs, 1), 1)}
 
 
-_SPM = flags.DEFINE_string("spm", None, "SentencePiece .model file.")
+_SPM = flags.DEFINE_string("spm", "runs/quickstart/spm.model",
+                           "SentencePiece .model file.")
 _CORPUS = flags.DEFINE_multi_string(
     "corpus", ["python_stdlib"], "Corpus spec (sources.open_corpus); "
     "repeatable.")
@@ -54,5 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["spm"])
   app.run(main)
