@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # RETRO end to end on the embedded default corpus, the Python standard
 # library: installs what is needed (scripts/setup_env.sh), then
-#   1. vocabulary + retrieval DB      scripts/build_db.py
-#   2. neighbours for every chunk     scripts/cache_tasks.py (train, validation)
+#   1. vocabulary + retrieval DB      scripts/build_db.py (the training
+#                                     split: chunks, BERT embeddings once by
+#                                     2 Beam workers, index, neighbour table)
+#   2. neighbours for every chunk     scripts/cache_tasks.py (train: looked
+#                                     up in the table; validation: embedded)
 #   3. train RETRO                    scripts/train.py
 #   4. train the baseline (no CCA)    scripts/train.py --config.model.cca_layers="()"
 #   5. evaluate both                  scripts/evaluate.py (bits per byte with
@@ -62,10 +65,10 @@ DATA=(--config=configs/quickstart.py --config.data.corpus="$CORPUS"
       --config.data.cache_dir="$W/cache")
 TRAIN=("${DATA[@]}" --config.train.steps="$STEPS")
 
-stage "1/6 vocabulary and retrieval DB ($DATA_BYTES bytes of $CORPUS)"
+stage "1/6 vocabulary and retrieval DB (the training split: $DATA_BYTES bytes of $CORPUS)"
 "$PY" scripts/build_db.py "${DATA[@]}"
 
-stage "2/6 neighbours of every 64-token chunk (seqio cache, Beam)"
+stage "2/6 neighbours of every 64-token chunk (seqio cache, Beam; train: table lookups)"
 "$PY" scripts/cache_tasks.py "${DATA[@]}"
 
 stage "3/6 train RETRO ($STEPS steps)"
@@ -94,8 +97,13 @@ stage "done"
 "$PY" - "$W" <<'PYEOF'
 import glob, json, os, sys
 import numpy as np
+from retro_jax.data import cache_job
 from retro_jax.evaluation import chunk_files, intervals
 w = sys.argv[1]
+cached = cache_job.cached_summary("retro_quickstart", os.path.join(w, "cache"))
+short = {split: cached[split]["missing"] for split in ("train", "validation")}
+print(f"chunks with fewer than k neighbours after the document filter: "
+      f"{short}")
 def result(run):
   path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]
   return json.load(open(path))["sets"]["task"]
