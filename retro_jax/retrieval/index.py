@@ -13,7 +13,9 @@ Two searchers share one interface, `search(queries, k) -> (ids, dists)`:
 `build_index` picks one by size; `save` / `load` keep a ScaNN index on disk
 next to a small `index.json` (an exact index stores only its kind and is
 rebuilt from the DB's embeddings). Both searchers pad with id -1 and distance
-+inf when fewer than k points can be returned (k > n).
++inf when fewer than k points can be returned (k > n). An index too large
+for one host is several of these, one per range of chunk ids
+(index_shards.py); each shard directory is a `save` directory.
 
 Shape glossary:
   n: DB vectors.     D: embedding width.     q: queries.
@@ -35,7 +37,7 @@ from retro_jax.core import files
 
 EXACT_BELOW = 20_000  # build_index's default: exact search below this size.
 INDEX_JSON = "index.json"
-_SCANN_DIR = "scann"  # ScaNN's serialized assets, inside the index directory.
+SCANN_DIR = "scann"  # ScaNN's serialized assets, inside the index directory.
 _BLOCK_BYTES = 64 << 20  # Peak size of one [queries, DB block] score matrix.
 _EXACT_MARGIN = 8  # Extra candidates re-scored exactly (see ExactSearcher).
 
@@ -53,7 +55,8 @@ class Searcher(Protocol):
     nearest first; id -1 and dist +inf where fewer than k exist."""
 
 
-def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
+def check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
+  """float32 [q, D] queries, or ValueError for a bad shape or k < 1."""
   queries = np.asarray(queries, np.float32)
   if queries.ndim != 2 or queries.shape[1] != dim:
     raise ValueError(f"queries must be [q, {dim}], got {queries.shape}")
@@ -62,8 +65,8 @@ def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
   return queries
 
 
-def _pad(ids: np.ndarray, dists: np.ndarray,
-         k: int) -> Tuple[np.ndarray, np.ndarray]:
+def pad(ids: np.ndarray, dists: np.ndarray,
+        k: int) -> Tuple[np.ndarray, np.ndarray]:
   """Widens [q, c] results to [q, k] with id -1 and distance +inf."""
   q, c = ids.shape
   if c >= k:
@@ -102,7 +105,7 @@ class ExactSearcher:
 
   def search(self, queries: np.ndarray,
              k: int) -> Tuple[np.ndarray, np.ndarray]:
-    queries = _check_queries(queries, self.dim, k)
+    queries = check_queries(queries, self.dim, k)
     c = min(k + _EXACT_MARGIN, self.n)
     ids = np.zeros((len(queries), c), np.int64)  # [q, c]
     dists = np.zeros((len(queries), c), np.float32)  # [q, c]
@@ -110,7 +113,7 @@ class ExactSearcher:
     for s in range(0, len(queries), step):
       ids[s:s + step], dists[s:s + step] = self._search_batch(
           queries[s:s + step], c)
-    return _pad(ids, dists, k)
+    return pad(ids, dists, k)
 
   def _search_batch(self, q: np.ndarray, c: int) -> Tuple[np.ndarray,
                                                           np.ndarray]:
@@ -243,7 +246,7 @@ class ScannSearcher:
 
   def search(self, queries: np.ndarray,
              k: int) -> Tuple[np.ndarray, np.ndarray]:
-    queries = _check_queries(queries, self.dim, k)
+    queries = check_queries(queries, self.dim, k)
     p = self.params
     if k >= self.n:  # Everything: exact, every leaf, every point reordered.
       leaves, pre, final = p.num_leaves, self.n, self.n
@@ -266,7 +269,7 @@ class ScannSearcher:
     # 0 and distance NaN; make those -1 / +inf like ExactSearcher's padding.
     bad = (ids < 0) | (ids >= self.n) | ~np.isfinite(dists)
     ids[bad], dists[bad] = -1, np.inf
-    return _pad(ids, dists, k)
+    return pad(ids, dists, k)
 
 
 def _import_scann():
@@ -323,7 +326,7 @@ def save(searcher: Searcher, directory: str, overwrite: bool = False) -> None:
     meta = {"kind": searcher.kind, "n": int(searcher.n),
             "dim": int(searcher.dim)}
     if isinstance(searcher, ScannSearcher):
-      searcher.serialize(os.path.join(tmp, _SCANN_DIR))
+      searcher.serialize(os.path.join(tmp, SCANN_DIR))
       meta["params"] = dataclasses.asdict(searcher.params)
       meta["recall"] = searcher.recall
     files.write_json(os.path.join(tmp, INDEX_JSON), meta, indent=2)
@@ -353,6 +356,10 @@ def load(directory: str,
                      f"(an interrupted save leaves only a temporary "
                      f"directory, which is never loaded)")
   meta = files.read_json(meta_path)
+  if "format" in meta:  # index_shards writes {"format": 2, "shards": ...}.
+    raise ValueError(f"{meta_path} is a sharded index (format "
+                     f"{meta['format']}): load it with "
+                     f"retro_jax.retrieval.index_shards.load(directory, db)")
   if embeddings is not None and embeddings.shape != (meta["n"], meta["dim"]):
     raise ValueError(f"{directory} indexes [{meta['n']}, {meta['dim']}] "
                      f"embeddings, got {embeddings.shape}")
@@ -364,7 +371,7 @@ def load(directory: str,
   if meta["kind"] != ScannSearcher.kind:
     raise ValueError(f"{meta_path}: unknown index kind {meta['kind']!r}")
   searcher = _import_scann().scann_ops_pybind.load_searcher(
-      os.path.join(directory, _SCANN_DIR))
+      os.path.join(directory, SCANN_DIR))
   return ScannSearcher(searcher, meta["n"], meta["dim"],
                        ScannParams(**meta["params"]), meta.get("recall"))
 
