@@ -388,7 +388,7 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
   return found / total if total else 1.0
 
 
-def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
   """[q, k + 1] -> [q, k]: each row without its query's own id (or without
   its last entry, when the own id is not among them)."""
   out = np.zeros((len(ids), k), np.int64)
@@ -397,7 +397,7 @@ def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
   return out
 
 
-def _held_in(embeddings: np.ndarray, num_queries: int, k: int, seed: int
+def held_in(embeddings: np.ndarray, num_queries: int, k: int, seed: int
              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(ids [q], queries [q, D], exact neighbour ids [q, k] without self)."""
   rng = np.random.default_rng(seed)
@@ -405,7 +405,7 @@ def _held_in(embeddings: np.ndarray, num_queries: int, k: int, seed: int
                            replace=False))  # [q]
   queries = np.asarray(embeddings[ids], np.float32)  # [q, D]
   exact, _ = ExactSearcher(embeddings).search(queries, k + 1)
-  return ids, queries, _drop_self(exact, ids, k)
+  return ids, queries, drop_self(exact, ids, k)
 
 
 def measure_recall(searcher: Searcher, embeddings: np.ndarray,
@@ -419,9 +419,9 @@ def measure_recall(searcher: Searcher, embeddings: np.ndarray,
   is therefore dropped from both answers (k + 1 are fetched), so this is the
   recall of the other k neighbours: the honest measure.
   """
-  ids, queries, exact = _held_in(embeddings, num_queries, k, seed)
+  ids, queries, exact = held_in(embeddings, num_queries, k, seed)
   approx, _ = searcher.search(queries, k + 1)
-  return recall_at_k(_drop_self(approx, ids, k), exact, k)
+  return recall_at_k(drop_self(approx, ids, k), exact, k)
 
 
 def calibrate(searcher: ScannSearcher, embeddings: np.ndarray,
@@ -431,12 +431,12 @@ def calibrate(searcher: ScannSearcher, embeddings: np.ndarray,
   in steps of x1.5 (every leaf at worst), whose `measure_recall` reaches
   `target_recall`; the recall reached is in its `.recall`. Only a query-time
   setting changes: the trained index is shared, nothing is rebuilt."""
-  ids, queries, exact = _held_in(embeddings, num_queries, k, seed)
+  ids, queries, exact = held_in(embeddings, num_queries, k, seed)
   leaves = searcher.params.leaves_to_search
   while True:
     tuned = searcher.with_leaves_to_search(leaves)
     approx, _ = tuned.search(queries, k + 1)
-    tuned.recall = recall_at_k(_drop_self(approx, ids, k), exact, k)
+    tuned.recall = recall_at_k(drop_self(approx, ids, k), exact, k)
     if tuned.recall >= target_recall or leaves == searcher.params.num_leaves:
       return tuned
     leaves = min(searcher.params.num_leaves, math.ceil(1.5 * leaves))
