@@ -11,8 +11,18 @@ of text at <db_dir>/../spm.model (kept there, and reused by a rerun), and
 the DB keeps a copy in <db_dir>/spm.model, which every reader of
 spm_path "" uses.
 
-Across machines: --stage=chunks once, then --stage=embed --shard=i
---num_shards=N on every worker, then --stage=index once.
+Stages, in order (--stage runs one; a rerun resumes each):
+  chunks   vocabulary and 64-token chunk shards
+  embed    BERT over every chunk, once: a Beam pipeline over the shards
+  index    finalize the DB, build config.db.index_shard_chunks-chunk index
+           shards, measure recall@10
+  table    the neighbour table (config.db.table_candidates per chunk): a
+           Beam pipeline
+The Beam stages run on config.db.workers workers of config.db.runner:
+Beam's FnApiRunner on this machine (worker processes when workers > 1),
+or DataflowRunner on Google Cloud, e.g.
+  python scripts/build_db.py --config=configs/quickstart.py \
+      --config.db.workers=4
 
 Inspect what the DB returns for a text:
   python scripts/build_db.py --config=configs/quickstart.py \
@@ -21,6 +31,7 @@ Inspect what the DB returns for a text:
 
 import json
 import resource
+import sys
 
 from absl import app
 from absl import flags
@@ -37,11 +48,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "sections.", lock_config=True)
 _STAGE = flags.DEFINE_enum("stage", "all", ["all", *build_job.STAGES],
                            "Which stage to run.")
-_SHARD = flags.DEFINE_integer("shard", 0, "This worker (embed stage).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Workers (embed stage).")
 _QUERY = flags.DEFINE_string("query", "", "Print the DB chunks nearest to "
                              "this text instead of building.")
 _K = flags.DEFINE_integer("k", 5, "Neighbours printed by --query.")
+
+
+def _fail(message: str) -> None:
+  """A bad setting: one line on stderr, exit status 2 (as core.cli does)."""
+  print(f"{sys.argv[0]}: error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
@@ -52,11 +67,13 @@ def main(argv):
   config = _CONFIG.value
   data, db = config.data, config.db
   if not data.db_dir:
-    raise app.UsageError("config.data.db_dir is empty: set it (e.g. "
-                         "--config.data.db_dir=runs/db)")
-  embedder = BertEmbedder.load(db.embedder or None,
-                               batch_size=db.embed_batch)
+    _fail("config.data.db_dir is empty: set it (e.g. "
+          "--config.data.db_dir=runs/db)")
+  if db.workers < 1:
+    _fail(f"--config.db.workers={db.workers}: Beam workers must be >= 1")
   if _QUERY.value:
+    embedder = BertEmbedder.load(db.embedder or None,
+                                 batch_size=db.embed_batch)
     for hit in build_job.query(data.db_dir, _QUERY.value, embedder,
                                k=_K.value):
       print(f"--- chunk {hit['id']} (document {hit['doc_id']}), squared L2 "
@@ -64,12 +81,14 @@ def main(argv):
     return
   summary = build_job.build_database(
       data.db_dir, build_job.db_sources(config),
-      build_job.build_spm_path(data.spm_path, data.db_dir), embedder,
+      build_job.build_spm_path(data.spm_path, data.db_dir), db.embedder,
       stages=build_job.STAGES if _STAGE.value == "all" else (_STAGE.value,),
       vocab_size=db.vocab_size, spm_train_bytes=db.spm_train_bytes,
-      shard_chunks=db.shard_chunks, shard_index=_SHARD.value,
-      num_shards=_NUM_SHARDS.value, index_kind=db.index,
-      recall_queries=db.recall_queries)
+      shard_chunks=db.shard_chunks, embed_batch=db.embed_batch,
+      index_kind=db.index, index_shard_chunks=db.index_shard_chunks,
+      recall_queries=db.recall_queries,
+      table_candidates=db.table_candidates, workers=db.workers,
+      runner=db.runner)
   # ru_maxrss is in KiB on Linux.
   summary["peak_rss_mb"] = round(
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

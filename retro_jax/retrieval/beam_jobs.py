@@ -230,16 +230,29 @@ class MergeTableShardFn(beam.DoFn):
   """Merges the partials of DB shard i (one per index shard) into table
   shard i (neighbour_table.merge_step)."""
 
-  def __init__(self, db_dir: str, candidates: int):
+  def __init__(self, db_dir: str, index_dir: str, candidates: int):
     super().__init__()
-    self._db_dir, self._candidates = db_dir, candidates
+    self._db_dir, self._index_dir = db_dir, index_dir
+    self._candidates = candidates
 
   def process(self, element: Tuple[int, Any]):
     from retro_jax.retrieval import neighbour_table  # pylint: disable=g-import-not-at-top
     i, _ = element
-    neighbour_table.merge_step(self._db_dir, i, self._candidates)
+    neighbour_table.merge_step(self._db_dir, i, self._candidates,
+                               self._index_dir)
     _shard_done("table_shards_merged")
     yield i
+
+
+def _complete_table(db_dir: str, index_dir: str,
+                    candidates: int) -> Optional[Dict[str, Any]]:
+  """table.json of a finished table of this DB, index and C, or None."""
+  from retro_jax.retrieval import neighbour_table  # pylint: disable=g-import-not-at-top
+  try:
+    table = neighbour_table.NeighbourTable.open(db_dir, index_dir)
+  except ValueError:
+    return None
+  return table.table if table.candidates == candidates else None
 
 
 def table_pipeline(db_dir: str, index_dir: str, candidates: int = 16,
@@ -261,13 +274,19 @@ def table_pipeline(db_dir: str, index_dir: str, candidates: int = 16,
     workers, runner, beam_args: where it runs (`pipeline_options`).
     log: the plan and summary lines (workers print a line per index shard).
   Returns:
-    {"index_shards": searched, "table_shards": merged, "candidates",
-     "seconds", "chunks_per_s", "workers": {worker process: shards}, and
-     what neighbour_table.finalize returns}.
+    {"num_chunks", "candidates", "shards" (table shards), and of this run
+     "index_shards_searched", "table_shards_merged", "seconds",
+     "chunks_per_s", "workers": {worker process: shards it searched or
+     merged}}; a complete table is kept (nothing run).
   """
   from retro_jax.retrieval import index_shards  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import neighbour_table  # pylint: disable=g-import-not-at-top
   shards = list(range(len(index_shards.ranges(index_dir))))
+  done = _complete_table(db_dir, index_dir, candidates)
+  if done is not None:
+    log(f"table: complete for this DB, index and C = {candidates}, nothing "
+        f"to do")
+    return _table_summary(done, {}, {}, 0.0)
   log(f"table: {len(shards)} index shard(s) to search, C = {candidates}, on "
       f"{workers} {runner} worker(s)")
   t0 = time.time()
@@ -277,13 +296,21 @@ def table_pipeline(db_dir: str, index_dir: str, candidates: int = 16,
        | "search" >> beam.ParDo(SearchIndexShardFn(db_dir, index_dir,
                                                    candidates))
        | "by_db_shard" >> beam.GroupByKey()
-       | "merge" >> beam.ParDo(MergeTableShardFn(db_dir, candidates)))
+       | "merge" >> beam.ParDo(MergeTableShardFn(db_dir, index_dir,
+                                                 candidates)))
   totals, used = _run(p)
-  record = neighbour_table.finalize(db_dir, index_dir, candidates)
-  seconds = time.time() - t0
-  n = record.get("num_chunks", 0)
-  return dict(record, index_shards=totals.get("index_shards_searched", 0),
-              table_shards=totals.get("table_shards_merged", 0),
-              candidates=candidates, seconds=round(seconds, 2),
-              chunks_per_s=round(n / seconds, 1) if n else None,
-              workers=used)
+  table = neighbour_table.finalize(db_dir, index_dir, candidates)
+  return _table_summary(table, totals, used, time.time() - t0)
+
+
+def _table_summary(table: Dict[str, Any], totals: Dict[str, int],
+                   used: Dict[str, int], seconds: float) -> Dict[str, Any]:
+  n = table["num_chunks"] if totals else 0
+  return {"num_chunks": table["num_chunks"],
+          "candidates": table["candidates"],
+          "shards": len(table["shards"]),
+          "index_shards_searched": totals.get("index_shards_searched", 0),
+          "table_shards_merged": totals.get("table_shards_merged", 0),
+          "seconds": round(seconds, 2),
+          "chunks_per_s": round(n / seconds, 1) if n and seconds else None,
+          "workers": used}

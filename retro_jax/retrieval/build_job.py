@@ -1,13 +1,22 @@
 """The retrieval-database build, end to end, and the DB query used to inspect it.
 
   corpus ─► SentencePiece (trained if none given) ─► 64-token chunks (shards)
-         ─► frozen-BERT embeddings (resumable, split over workers)
-         ─► finalize (checksums, manifest) ─► index (ScaNN or exact)
-         ─► recall@10 against exact search, written into the manifest
+         ─► frozen-BERT embeddings, once per chunk      (stage "embed")
+         ─► finalize (checksums, manifest) ─► index shards (ScaNN or exact)
+            ─► recall@10 against exact search, in the manifest (stage "index")
+         ─► neighbour table: each chunk's C nearest chunks (stage "table")
+
+The stages are ("chunks", "embed", "index", "table"), run in that order, all
+at once or one per call. "embed" and "table" are Beam pipelines
+(beam_jobs.py) over `workers` workers of `runner`: Beam's FnApiRunner here
+(in process, or worker processes with workers > 1), Dataflow on Google
+Cloud. They replace the former `--stage=embed --shard=i --num_shards=N`
+flags: the runner spreads the shards, no worker is started by hand.
 
 Each stage reports what it did and how long it took; `build_database`
-returns the whole summary. A rerun resumes: complete shards and embeddings are
-kept, only missing or damaged ones are redone.
+returns the whole summary, seconds per stage included. A rerun resumes:
+complete DB shards, embeddings, index shards and table shards are kept, only
+missing or damaged ones are redone.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Tuple)
+                    Sequence, Tuple)
 
 import numpy as np
 
@@ -24,6 +33,7 @@ from retro_jax.corpus import vocab
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import index as indexlib
+from retro_jax.retrieval import index_shards
 
 INDEX_DIR = "index"
 
@@ -83,35 +93,48 @@ def vocabulary(spm_path: str, train_docs: Callable[[], Iterable[Document]],
   return sp
 
 
-STAGES = ("chunks", "embed", "index")
+STAGES = ("chunks", "embed", "index", "table")
 
 
 def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
-                   spm_path: str, embedder, *, stages=STAGES,
+                   spm_path: str, embedder: Any = None, *, stages=STAGES,
                    vocab_size: int = 8192, spm_train_bytes: int = 20_000_000,
-                   shard_chunks: int = 65536, shard_index: int = 0,
-                   num_shards: int = 1, index_kind: str = "auto",
-                   recall_queries: int = 1000,
+                   shard_chunks: int = 65536,
+                   embed_batch: Optional[int] = None,
+                   index_kind: str = "auto", index_shard_chunks: int = 0,
+                   recall_queries: int = 1000, table_candidates: int = 16,
+                   workers: int = 1,
+                   runner: str = "FnApiRunner",
+                   beam_args: Sequence[str] = (),
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Builds (or resumes) the retrieval DB in `db_dir`.
 
-  On one machine run every stage. Spread over machines: run stage "chunks"
-  once, then stage "embed" on each worker with its `shard_index` (worker i
-  embeds shards j with j % num_shards == i), then stage "index" once.
+  Run every stage at once, or one at a time, in order: "embed" and "table"
+  are Beam pipelines over `workers` workers of `runner`; "chunks" and
+  "index" run here.
 
   Args:
     db_dir: the DB directory.
     parts: {part name: `sources.text_source`}, written in order (see
       `db_sources`); the vocabulary trains on the first part.
     spm_path: SentencePiece model to use, trained there if it does not exist.
-    embedder: a `BertEmbedder`.
-    stages: which of "chunks" (vocabulary + chunk shards), "embed" and
-      "index" (finalize, index, recall) to run, in that order.
+    embedder: the BERT checkpoint directory ("" or None: the bundled
+      all-MiniLM-L6-v2), or a loaded `BertEmbedder` (workers reload it from
+      its directory).
+    stages: which of "chunks" (vocabulary + chunk shards), "embed", "index"
+      (finalize, index shards, recall) and "table" (the neighbour table)
+      to run, in that order.
     vocab_size, spm_train_bytes: vocabulary training settings.
-    shard_chunks: chunks per shard.
-    shard_index, num_shards: this worker's part of the embedding stage.
-    index_kind: "auto" (exact below 20k chunks, else ScaNN), "scann", "exact".
+    shard_chunks: chunks per DB shard.
+    embed_batch: chunks per BERT forward pass (default: a loaded embedder's
+      batch size, else 32).
+    index_kind: "auto" (exact below 20k chunks per index shard, else
+      ScaNN), "scann", "exact".
+    index_shard_chunks: chunks per index shard at most; 0 = one index.
     recall_queries: held-in queries for the recall@10 measurement.
+    table_candidates: C, the nearest chunks the table keeps per DB chunk.
+    workers, runner, beam_args: where the Beam stages run
+      (`beam_jobs.pipeline_options`).
     log: where progress lines go.
   Returns:
     The summary: counts, bytes, seconds per stage, chunks/s, recall.
@@ -122,8 +145,9 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
   summary: Dict[str, Any] = {"db_dir": db_dir, "seconds": {},
                              "corpus_files_skipped": {}}
   skipped = summary["corpus_files_skipped"]  # Reader skips, by reason.
-  first = next(iter(parts.values()))
+  first = next(iter(parts.values()), None)
   seconds = summary["seconds"]
+  index_dir = os.path.join(db_dir, INDEX_DIR)
 
   def timed(name, fn):
     t0 = time.time()
@@ -133,8 +157,8 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
 
   if "chunks" in stages:
     sp = timed("vocabulary", lambda: vocabulary(
-        spm_path, lambda: sources.source_documents(first), vocab_size,
-        spm_train_bytes, log))
+        spm_path, lambda: sources.source_documents(first) if first else (),
+        vocab_size, spm_train_bytes, log))
     chunks = timed("chunks", lambda: dblib.write_chunks(
         {name: sources.source_documents(src, skipped)
          for name, src in parts.items()}, sp, db_dir,
@@ -142,63 +166,57 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
     summary["chunks"] = chunks
     log(f"chunks: {_describe(chunks)} in {seconds['chunks']:.1f} s")
 
+  if {"embed", "table"} & set(stages):
+    # Imported here: Apache Beam is heavy, and the other stages and the
+    # query do not need it.
+    from retro_jax.retrieval import beam_jobs  # pylint: disable=g-import-not-at-top
+
   if "embed" in stages:
-    embedded = timed("embed", lambda: dblib.embed_shards(
-        db_dir, embedder, shard_index=shard_index, num_shards=num_shards))
+    loaded = None if embedder is None or isinstance(embedder, str) else embedder
+    batch = embed_batch or getattr(loaded, "batch_size", 32)
+    embedded = timed("embed", lambda: beam_jobs.embed_pipeline(
+        db_dir, beam_jobs.embedder_spec(embedder), batch, workers=workers,
+        runner=runner, beam_args=beam_args, loaded=loaded, log=log))
     summary["embed"] = embedded
-    done = embedded.get("chunks_embedded", 0)
-    summary["embed_chunks_per_s"] = (
-        round(done / seconds["embed"], 1) if done and seconds["embed"] else None)
+    summary["embed_chunks_per_s"] = embedded["chunks_per_s"]
     log(f"embeddings: {_describe(embedded)} in {seconds['embed']:.1f} s"
-        + (f" ({summary['embed_chunks_per_s']} chunks/s)" if done else ""))
+        + (f" ({embedded['chunks_per_s']} chunks/s on "
+           f"{len(embedded['workers'])} worker process(es))"
+           if embedded["chunks_embedded"] else ""))
 
   if "index" in stages:
     manifest = timed("finalize", lambda: dblib.finalize(db_dir))
     db = dblib.RetrievalDB.open(db_dir)
-    embeddings = db.embeddings()                               # [n, D]
-    searcher = timed("index", lambda: _saved_index(
-        db_dir, manifest, embeddings, index_kind))
-    if searcher is not None:
-      recall, queries = (manifest["recall"]["recall_at_10"],
-                         manifest["recall"]["queries"])
-      seconds["recall"] = 0.0
-      log(f"index: reusing the saved {searcher.kind} index over {len(db):,} "
-          f"chunks (shards unchanged), recall@10 {recall:.3f}")
-    else:
-      searcher = timed("index", lambda: indexlib.build_index(
-          embeddings, kind=index_kind))
-      indexlib.save(searcher, os.path.join(db_dir, INDEX_DIR), overwrite=True)
-      queries = min(recall_queries, len(db))
-      recall = timed("recall", lambda: indexlib.measure_recall(
-          searcher, embeddings, num_queries=queries, k=10))
-      dblib.update_manifest(db_dir, index={"kind": searcher.kind,
-                                           "dir": INDEX_DIR},
-                            recall={"recall_at_10": recall, "queries": queries})
-      log(f"index: {searcher.kind} over {len(db):,} chunks in "
-          f"{seconds['index']:.1f} s, recall@10 {recall:.3f} over {queries} "
-          f"held-in queries ({seconds['recall']:.1f} s)")
+    built = timed("index", lambda: index_shards.build(
+        db, index_dir, kind=index_kind, shard_chunks=index_shard_chunks,
+        recall_queries=recall_queries, log=log))
+    recall = built["recall"]
+    dblib.update_manifest(
+        db_dir, index={"kind": built["kind"], "dir": INDEX_DIR,
+                       "shards": len(built["shards"]),
+                       "shard_chunks": index_shard_chunks},
+        recall=recall)
+    log(f"index: {built['kind']} over {len(db):,} chunks in "
+        f"{len(built['shards'])} shard(s) ({built['built']} built, "
+        f"{built['reused']} reused) in {seconds['index']:.1f} s, recall@10 "
+        f"{recall['recall_at_10']:.3f} over {recall['queries']} held-in "
+        f"queries")
     summary.update(num_chunks=len(db), num_tokens=manifest["num_tokens"],
                    num_documents=manifest["num_documents"],
-                   text_bytes=manifest["text_bytes"], recall_at_10=recall,
-                   index_kind=searcher.kind)
+                   text_bytes=manifest["text_bytes"],
+                   recall_at_10=recall["recall_at_10"],
+                   index_kind=built["kind"],
+                   index_shards=len(built["shards"]))
+
+  if "table" in stages:
+    table = timed("table", lambda: beam_jobs.table_pipeline(
+        db_dir, index_dir, table_candidates, workers=workers, runner=runner,
+        beam_args=beam_args, log=log))
+    summary["table"] = table
+    log(f"table: {_describe(table)} in {seconds['table']:.1f} s")
+  log("seconds per stage: " + ", ".join(f"{k} {v:.1f}"
+                                        for k, v in seconds.items()))
   return summary
-
-
-def _saved_index(db_dir: str, manifest: Dict[str, Any],
-                 embeddings: np.ndarray, kind: str
-                 ) -> Optional[indexlib.Searcher]:
-  """The index a finished build saved, if it still serves: `finalize` keeps
-  the manifest's index and recall only while every shard is unchanged, and
-  the saved kind must be the one asked for (for "auto", the one
-  `build_index` would pick now). None means: build it."""
-  saved = manifest.get("index") or {}
-  if ("recall" not in manifest
-      or saved.get("kind") != indexlib.resolve_kind(kind, len(embeddings))):
-    return None
-  try:
-    return indexlib.load(os.path.join(db_dir, INDEX_DIR), embeddings=embeddings)
-  except (FileNotFoundError, ValueError):
-    return None   # Missing or damaged: rebuilt and saved again.
 
 
 def _describe(d: Any) -> str:
@@ -210,11 +228,10 @@ def _describe(d: Any) -> str:
 
 def open_for_queries(db_dir: str, embedder
                      ) -> Tuple[dblib.RetrievalDB, indexlib.Searcher]:
-  """The finalized DB and its saved index, checked against `embedder`."""
+  """The finalized DB and its index (every shard, merged: global ids),
+  checked against `embedder`."""
   db = dblib.RetrievalDB.open(db_dir, embedder=embedder)
-  searcher = indexlib.load(os.path.join(db_dir, INDEX_DIR),
-                           embeddings=db.embeddings())
-  return db, searcher
+  return db, index_shards.load(os.path.join(db_dir, INDEX_DIR), db)
 
 
 def query(db_dir: str, text: str, embedder, k: int = 5) -> List[Dict]:

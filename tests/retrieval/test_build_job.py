@@ -1,6 +1,8 @@
 """The DB build (retrieval.build_job, scripts/build_db.py) end to end on a
-small slice of the standard library: real SentencePiece training, real BERT,
-real index, then a query."""
+small slice of the standard library: real SentencePiece training, a real
+BERT checkpoint loaded by path (MiniLM's first layer, `make_tiny_bert`),
+index shards, the neighbour table, then a query; a rerun that redoes
+nothing, and one that redoes only what was removed."""
 
 import importlib.util
 import json
@@ -14,42 +16,60 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from retro_jax.retrieval import db as dblib
+from retro_jax.corpus import sources
 from retro_jax.retrieval import build_job
+from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval.embedder import BertEmbedder
+from test_beam_jobs import make_tiny_bert  # pylint: disable=g-bad-import-order
 
 MAX_BYTES = 40_000
 TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")  # A run config.
+PARTS = {"train": sources.text_source("python_stdlib", "train", MAX_BYTES)}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("build")
+  bert = make_tiny_bert(str(root / "bert-l1"))
   db_dir = str(root / "db")
-  embedder = BertEmbedder.load()
   lines = []
   summary = build_job.build_database(
-      db_dir, lambda: build_job.documents("python_stdlib", MAX_BYTES),
-      str(root / "spm.model"), embedder, vocab_size=512,
-      spm_train_bytes=200_000, shard_chunks=100, log=lines.append)
-  return db_dir, embedder, summary, lines
+      db_dir, PARTS, str(root / "spm.model"), bert, vocab_size=512,
+      spm_train_bytes=200_000, shard_chunks=100, index_shard_chunks=200,
+      table_candidates=8, log=lines.append)
+  return db_dir, bert, summary, lines
+
+
+def _rerun(db_dir, bert, stages=build_job.STAGES):
+  lines = []
+  summary = build_job.build_database(
+      db_dir, PARTS, os.path.join(os.path.dirname(db_dir), "spm.model"),
+      bert, stages=stages, vocab_size=512, shard_chunks=100,
+      index_shard_chunks=200, table_candidates=8, log=lines.append)
+  return summary, lines
 
 
 def test_summary_counts_match_the_db(built):
   db_dir, _, summary, lines = built
   db = dblib.RetrievalDB.open(db_dir)
-  assert summary["num_chunks"] == len(db) > 100
-  assert summary["recall_at_10"] == 1.0          # Exact index below 20k.
+  assert summary["num_chunks"] == len(db) > 200
+  assert summary["recall_at_10"] == 1.0          # Exact index shards.
+  assert summary["index_shards"] == -(-len(db) // 200)
   manifest = json.load(open(os.path.join(db_dir, "manifest.json")))
   assert manifest["recall"]["recall_at_10"] == summary["recall_at_10"]
   assert manifest["index"]["kind"] == summary["index_kind"] == "exact"
-  assert set(summary["seconds"]) >= {"vocabulary", "chunks", "embed",
-                                     "finalize", "index", "recall"}
+  assert manifest["index"]["shards"] == summary["index_shards"]
+  assert summary["table"]["num_chunks"] == len(db)
+  assert summary["table"]["candidates"] == 8
+  assert set(summary["seconds"]) == {"vocabulary", "chunks", "embed",
+                                     "finalize", "index", "table"}
   assert any(line.startswith("index:") for line in lines)
+  assert lines[-1].startswith("seconds per stage: vocabulary")
 
 
 def test_query_returns_the_chunk_itself_first(built):
-  db_dir, embedder, _, _ = built
+  db_dir, bert, _, _ = built
+  embedder = BertEmbedder.load(bert)
   db = dblib.RetrievalDB.open(db_dir)
   sp = build_job.vocab.load(os.path.join(db_dir, "spm.model"))
   rng = np.random.default_rng(0)
@@ -61,62 +81,55 @@ def test_query_returns_the_chunk_itself_first(built):
     assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
 
 
+def _mtimes(db_dir, sub):
+  root = os.path.join(db_dir, sub)
+  return {os.path.join(r, n): os.stat(os.path.join(r, n)).st_mtime_ns
+          for r, _, names in os.walk(root) for n in names}
+
+
 def test_rerun_resumes_without_rework(built):
-  db_dir, embedder, summary, _ = built
-  index_json = os.path.join(db_dir, "index", "index.json")
-  saved_at = os.stat(index_json).st_mtime_ns
-
-  def rerun():
-    lines = []
-    again = build_job.build_database(
-        db_dir, lambda: build_job.documents("python_stdlib", MAX_BYTES),
-        os.path.join(os.path.dirname(db_dir), "spm.model"), embedder,
-        vocab_size=512, shard_chunks=100, log=lines.append)
-    return again, lines
-
-  again, lines = rerun()
+  db_dir, bert, summary, _ = built
+  before = {sub: _mtimes(db_dir, sub) for sub in ("shards", "index", "table")}
+  again, lines = _rerun(db_dir, bert)
   assert again["chunks"]["shards_written"] == 0
   assert again["embed"]["chunks_embedded"] == 0
   assert again["num_chunks"] == summary["num_chunks"]
-  # The saved index serves the unchanged shards: not rebuilt.
-  assert os.stat(index_json).st_mtime_ns == saved_at
-  assert any(line.startswith("index: reusing the saved exact index")
-             for line in lines)
   assert again["recall_at_10"] == summary["recall_at_10"]
-  # A damaged index is rebuilt, not trusted.
-  os.remove(index_json)
-  again, lines = rerun()
-  assert os.path.isfile(index_json)
-  assert not any("reusing" in line for line in lines)
-  assert build_job.open_for_queries(db_dir, embedder)[1].kind == "exact"
+  assert again["table"]["table_shards_merged"] == 0
+  assert any(line.startswith("index: reusing") for line in lines)
+  assert any("nothing to do" in line and line.startswith("table:")
+             for line in lines)
+  # Nothing was rewritten.
+  for sub in ("shards", "index", "table"):
+    assert _mtimes(db_dir, sub) == before[sub], sub
+
+  # A table shard lost: the table stage merges that one alone.
+  record = os.path.join(db_dir, "table", "shard-00001", "record.json")
+  os.remove(record)
+  kept = {p: t for p, t in before["table"].items()
+          if "shard-00001" not in p and not p.endswith("table.json")}
+  again, _ = _rerun(db_dir, bert, stages=("table",))
+  assert again["table"]["table_shards_merged"] == 1
+  assert os.path.isfile(record)
+  now = _mtimes(db_dir, "table")
+  assert {p: now[p] for p in kept} == kept
+  assert build_job.open_for_queries(db_dir, BertEmbedder.load(bert))[1].n == (
+      summary["num_chunks"])
 
 
-def test_unknown_stage_and_corpus_raise(built):
-  db_dir, embedder, _, _ = built
+def test_unknown_stage_raises(built):
+  db_dir, bert, _, _ = built
   with pytest.raises(ValueError, match="unknown stages"):
-    build_job.build_database(db_dir, lambda: [], "x.model", embedder,
-                            stages=("chunks", "train"))
-  with pytest.raises(ValueError, match="unknown corpus"):
-    build_job.documents("wikipedia")
+    build_job.build_database(db_dir, PARTS, "x.model", bert,
+                             stages=("chunks", "train"))
 
 
 def test_empty_corpus_raises(tmp_path):
+  empty = {"train": sources.text_source("textdir:" + str(tmp_path), None, 0)}
   with pytest.raises(ValueError, match="empty"):
-    build_job.build_database(str(tmp_path / "db"), lambda: iter(()),
-                            str(tmp_path / "spm.model"), embedder=None,
-                            log=lambda _: None)
-
-
-@pytest.mark.slow
-def test_query_command_prints_neighbours(built):
-  db_dir, _, _, _ = built
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
-       "--config=" + TINY, f"--config.data.db_dir={db_dir}",
-       "--query=def main():", "--k=2"],
-      capture_output=True, text=True, cwd=REPO_ROOT, check=True,
-      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-  assert out.stdout.count("--- chunk") == 2, out.stdout[-2000:]
+    build_job.build_database(str(tmp_path / "db"), empty,
+                             str(tmp_path / "spm.model"), embedder=None,
+                             log=lambda _: None)
 
 
 def test_run_config_db_fields_reach_the_build():
@@ -132,6 +145,7 @@ def test_run_config_db_fields_reach_the_build():
     assert f"db.{field}" in script, f"db.{field} is never read"
   for field in ("corpus", "spm_path", "db_dir"):
     assert f"data.{field}" in script, f"data.{field} is never read"
+  assert "--stage=embed --shard" not in script     # Beam spreads the shards.
 
 
 def test_build_vocabulary_defaults_beside_the_db():
@@ -142,12 +156,52 @@ def test_build_vocabulary_defaults_beside_the_db():
   assert build_job.build_spm_path("my.model", "runs/q/db") == "my.model"
 
 
-def _build_command(db_dir, *extra):
+def _script(*args):
   return [sys.executable, os.path.join(REPO_ROOT, "scripts", "build_db.py"),
-          "--config=" + TINY, f"--config.data.db_dir={db_dir}",
-          "--config.db.max_bytes=100000", "--config.db.vocab_size=512",
-          "--config.db.spm_train_bytes=150000",
-          "--config.db.shard_chunks=40", *extra]
+          "--config=" + TINY, *args]
+
+
+def test_bad_input_is_one_line(tmp_path):
+  """A bad flag or setting: one line on stderr naming it, exit status 2
+  (the interpreters start at once)."""
+  db = f"--config.data.db_dir={tmp_path / 'db'}"
+  cases = {
+      "--config.db.workers=many": [db, "--config.db.workers=many"],
+      "--config.db.workers=0": [db, "--config.db.workers=0"],
+      "--stage=embedd": [db, "--stage=embedd"],
+      "shard": [db, "--shard=1"],                # The removed flags.
+      "db_dir is empty": [],
+  }
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  procs = {want: subprocess.Popen(_script(*args), cwd=REPO_ROOT, env=env,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for want, args in cases.items()}
+  for want, proc in procs.items():
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (want, err[-2000:])
+    assert "error" in lines[0] and want in lines[0], (want, lines)
+  assert not os.path.exists(tmp_path / "db")
+
+
+@pytest.mark.slow
+def test_query_command_prints_neighbours(built):
+  db_dir, bert, _, _ = built
+  out = subprocess.run(
+      _script(f"--config.data.db_dir={db_dir}",
+              f"--config.db.embedder={bert}", "--query=def main():", "--k=2"),
+      capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert out.stdout.count("--- chunk") == 2, out.stdout[-2000:]
+
+
+def _build_command(db_dir, *extra):
+  return _script(f"--config.data.db_dir={db_dir}",
+                 "--config.data.max_bytes.train=100000",
+                 "--config.db.vocab_size=512",
+                 "--config.db.spm_train_bytes=150000",
+                 "--config.db.shard_chunks=40", *extra)
 
 
 @pytest.mark.slow
