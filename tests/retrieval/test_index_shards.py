@@ -114,6 +114,33 @@ def test_plan():
     index_shards.plan(0, 4)
 
 
+def test_merge_is_a_total_order():
+  """Merging is by (distance, id), padding last: any order of the parts, or
+  merging them two at a time, gives the same arrays."""
+  rng = np.random.default_rng(0)
+  parts = []
+  for j in range(4):  # Shard j holds ids [100 j, 100 j + 100).
+    ids = rng.choice(100, (6, 5), replace=True) + 100 * j
+    dists = rng.integers(0, 4, (6, 5)).astype(np.float32)  # Many ties.
+    ids[:, 4], dists[:, 4] = -1, np.inf  # Padding.
+    parts.append((ids, dists))
+  want = index_shards.merge(parts, 12)
+  assert want[0].shape == (6, 12)
+  np.testing.assert_array_equal(index_shards.merge(parts[::-1], 12)[0],
+                                want[0])
+  step = parts[2]
+  for part in (parts[0], parts[3], parts[1]):
+    step = index_shards.merge([step, part], 12)
+  np.testing.assert_array_equal(step[0], want[0])
+  np.testing.assert_array_equal(step[1], want[1])
+  for ids, dists in zip(*want):
+    real = ids >= 0
+    key = list(zip(dists[real].tolist(), ids[real].tolist()))
+    assert key == sorted(key) and not (~real[:real.sum()]).any()
+  wide = index_shards.merge(parts, 30)  # More than there are: padded.
+  assert (wide[0][:, 16:] == -1).all() and np.isinf(wide[1][:, 16:]).all()
+
+
 def test_sharded_exact_equals_single_exact(small, tmp_path):
   """Merged exact shards answer exactly what one exact index does: the same
   ids (twins tie-broken to the smaller id) and the same float32 distances."""
