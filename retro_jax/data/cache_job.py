@@ -289,13 +289,14 @@ def cache_task(name: str, cache_dir: str,
     counts.update(seconds=round(seconds, 2),
                   sequences_per_s=round(counts["sequences"] / seconds, 2))
     summary[split] = counts
-    how = ("DB chunks, neighbours looked up in the table"
-           if counts["from_db"] else "text outside the DB, embedded")
+    how = (f"DB chunks, neighbours looked up in the table; "
+           f"{counts['searched']:,} chunks searched again, their row short"
+           if counts["from_db"] else "text outside the DB, every chunk "
+           "embedded and searched")
     log(f"{name}:{split}: {counts['sequences']:,} sequences ({how}), "
         f"{counts['chunks']:,} chunks, {counts['dropped']:,} neighbours "
-        f"dropped by the document filter, {counts['searched']:,} chunks "
-        f"searched again, {counts['missing']:,} chunks short of k "
-        f"neighbours, {seconds:.1f} s "
+        f"dropped by the document filter, {counts['missing']:,} chunks "
+        f"short of k neighbours, {seconds:.1f} s "
         f"({counts['sequences_per_s']} sequences/s)")
   record = {"task": name, "splits": sorted(summary), "summary": summary,
             "spec": spec, "finished": time.time()}

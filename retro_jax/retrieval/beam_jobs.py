@@ -68,8 +68,7 @@ def pipeline_options(workers: int = 1, runner: str = IN_PROCESS_RUNNER,
       # fn_runner.FnApiRunner.run_pipeline reads these two: a
       # SubprocessSDKEnvironment of `workers` worker processes.
       args += ["--direct_running_mode=multi_processing",
-               f"--direct_num_workers={workers}",
-               "--default_sdk_harness_log_level=WARNING"]
+               f"--direct_num_workers={workers}"]
   elif workers > 1:
     args.append(f"--num_workers={workers}")
   return PipelineOptions(args + list(beam_args))

@@ -2,11 +2,15 @@
 
 Training chunks are DB chunks (the DB's training part), so their neighbours
 need no BERT at training time: the table holds, for every DB chunk, the ids
-and squared-L2 distances of its C nearest DB chunks, found by searching the
-index with the DB's own stored embeddings. The chunk itself and its
-document's other chunks are kept: filtering out a training sequence's
-documents happens at lookup time (sequence_neighbours.py), and C leaves room
-for it.
+and squared-L2 distances of its C nearest DB chunks of *other* documents,
+found by searching the index with the DB's own stored embeddings. A chunk's
+own document is always in its training sequence, so its chunks could never
+be used; leaving them out is what lets a small C serve long documents (on
+the standard library, whose files run to hundreds of chunks, the nearest 16
+of any document left 48% of chunks short of k = 2 after the filter, the
+nearest 16 of other documents none). The other documents of a sequence are
+filtered out at lookup time (sequence_neighbours.py), which C leaves room
+for.
 
   <db_dir>/table/
     shard-00000/          aligned with DB shard i (same rows):
@@ -54,6 +58,7 @@ import numpy as np
 from retro_jax.core import files
 from retro_jax.retrieval import db_format as fmt
 from retro_jax.retrieval import index_shards
+from retro_jax.retrieval import neighbours
 from retro_jax.retrieval.db import RetrievalDB
 
 TABLE_DIR = "table"
@@ -157,7 +162,13 @@ def search_step(db_dir: str, index_dir: str, j: int,
     for i in todo:
       first, count = job.db.shard_ranges()[i]
       queries = job.db.embedding_range(first, count)  # [n_i, D]
-      ids, dists = searcher.search(queries, candidates)  # [n_i, C], local.
+      own = job.db.doc_ids_of(np.arange(first, first + count))  # [n_i]
+      # Local ids of shard j; each query's own document excluded.
+      found = neighbours.search_filtered(
+          searcher, queries, candidates,
+          lambda local: job.db.doc_ids_of(local + first_j),
+          [(int(d),) for d in own])
+      ids, dists = found.ids, found.dists  # [n_i, C], local.
       buf = io.BytesIO()
       np.savez(buf, ids=np.where(ids >= 0, ids + first_j, -1), dists=dists)
       files.write_bytes(_partial_path(db_dir, job.key, i, j), buf.getvalue())
@@ -342,8 +353,8 @@ class NeighbourTable:
 
   def lookup(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Global chunk ids int [...] -> (neighbour ids int64 [..., C], squared
-    L2 distances float32 [..., C]), nearest first, the chunk itself and its
-    document included; read from the memory maps."""
+    L2 distances float32 [..., C]), nearest first, from documents other
+    than the chunk's own; read from the memory maps."""
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
       raise TypeError(f"chunk ids must be integers, got {ids.dtype}")

@@ -233,9 +233,12 @@ def neighbours_from_table(lookup: TableLookup, chunk_ids: np.ndarray,
     k: neighbours per chunk.
   Returns:
     (neighbours int32 [S, L, k, r], stats) as `neighbours_for_sequences`,
-    where "searched" counts the chunks whose table row kept fewer than k
-    candidates after the filter and were searched again in the index with
-    their stored embedding (never embedded again).
+    where "dropped" counts the table's first k candidates that the filter
+    removed (the table holds no chunk of the chunk's own document, so this
+    is the sequence's other documents only), and "searched" the chunks
+    whose row kept fewer than k candidates after the filter and were
+    searched again in the index with their stored embedding (never embedded
+    again).
   """
   chunk_ids = np.asarray(chunk_ids, np.int64)
   num_seq, num_chunks = chunk_ids.shape

@@ -105,9 +105,9 @@ def test_summary_counts_and_rerun_skips(setup):
   assert summary["train"]["from_db"] and not summary["validation"]["from_db"]
   assert setup["task"].spec["from_db"] == ["train"]
   assert summary["validation"]["searched"] == summary["validation"]["chunks"]
-  assert summary["train"]["searched"] < summary["train"]["chunks"]
-  # Train sequences are DB chunks: each chunk's nearest is itself, dropped.
-  assert summary["train"]["dropped"] >= summary["train"]["chunks"]
+  # The table holds other documents' chunks: a row runs short only when the
+  # sequence's other documents fill it.
+  assert summary["train"]["searched"] < summary["train"]["chunks"] // 10
   assert any("dropped by the document filter" in l for l in setup["lines"])
   again = tasks.cache_task(NAME, setup["cache_dir"], log=lambda _: None)
   assert again["skipped"] and again["train"] == summary["train"]
@@ -170,7 +170,9 @@ def test_table_lookups_equal_searching_with_the_stored_embeddings(setup):
       retriever, sp, tokens, doc_ids, K,
       embeddings=db.embeddings_of(chunk_ids.reshape(-1)))
   np.testing.assert_array_equal(nb, want)
-  assert stats["dropped"] == want_stats["dropped"]
+  # The search drops each chunk's own document (its nearest: itself) too;
+  # the table never held it.
+  assert want_stats["dropped"] >= stats["chunks"] > stats["dropped"]
   assert stats["missing"] == 0 and stats["searched"] < stats["chunks"]
 
   class FirstColumn:  # The same table with one candidate per chunk: itself.

@@ -13,6 +13,7 @@ from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import index as indexlib
 from retro_jax.retrieval import index_shards
 from retro_jax.retrieval import neighbour_table as nt
+from retro_jax.retrieval import neighbours
 from test_index_shards import make_db  # pylint: disable=g-bad-import-order
 
 C = 8
@@ -61,17 +62,25 @@ def test_table_equals_brute_force(built):
   assert table.candidates == C and table.num_chunks == len(emb)
   ids, dists = table.lookup(np.arange(len(emb)))  # [N, C]
   assert ids.dtype == np.int64 and dists.dtype == np.float32
-  want = indexlib.ExactSearcher(emb).search(emb, C)
-  np.testing.assert_array_equal(ids, want[0])
-  np.testing.assert_array_equal(dists, want[1])
+  docs = db.doc_ids_of(np.arange(len(emb)))  # [N]
+  # The C nearest chunks of other documents than the chunk's own.
+  want = neighbours.search_filtered(indexlib.ExactSearcher(emb), emb, C,
+                                    db.doc_ids_of, [(d,) for d in docs])
+  np.testing.assert_array_equal(ids, want.ids)
+  np.testing.assert_array_equal(dists, want.dists)
+  assert not (db.doc_ids_of(ids) == docs[:, None]).any()
   # And against float64 brute force: the distances of the ids found, and
-  # no chunk left out that is nearer than the C-th by more than rounding.
+  # no chunk of another document left out that is nearer than the C-th by
+  # more than rounding.
   d64 = np.square(emb[:, None, :].astype(np.float64) - emb[None]).sum(-1)
   np.testing.assert_allclose(dists, np.take_along_axis(d64, ids, 1),
                              rtol=1e-5, atol=1e-5)
+  d64[docs[:, None] == docs[None]] = np.inf
   assert (np.sort(d64, 1)[:, C - 1] >= dists[:, -1] - 1e-4).all()
-  assert (dists[:, 0] == 0).all()  # Every chunk finds itself (or a twin).
-  assert (ids[np.arange(len(emb)), 0] <= np.arange(len(emb))).all()
+  # The second document repeats the first: their chunks find each other.
+  first = np.flatnonzero(docs == docs[0])
+  assert (dists[first, 0] == 0).all()
+  assert (db.doc_ids_of(ids[first, 0]) != docs[0]).all()
 
 
 def test_lookup_shapes_and_memory_maps(built):
@@ -205,7 +214,7 @@ def test_refuses_stale_tables(built, tmp_path):
 
 def test_scann_table_recall(tmp_path):
   """A table made with two ScaNN index shards: its neighbours are mostly the
-  exact ones (recall@8 against exact search, own id counted)."""
+  exact ones (recall@8 against exact search, own document excluded)."""
   db_dir = make_db(str(tmp_path), 2000, 500, seed=11)
   db = dblib.RetrievalDB.open(db_dir)
   index_dir = os.path.join(db_dir, "index")
@@ -214,7 +223,9 @@ def test_scann_table_recall(tmp_path):
   nt.build_table(db_dir, index_dir, C, log=QUIET)
   ids, _ = nt.NeighbourTable.open(db_dir).lookup(np.arange(db.num_chunks))
   emb = db.embeddings()
-  exact, _ = indexlib.ExactSearcher(emb).search(emb, C)
+  docs = db.doc_ids_of(np.arange(db.num_chunks))
+  exact = neighbours.search_filtered(indexlib.ExactSearcher(emb), emb, C,
+                                     db.doc_ids_of, [(d,) for d in docs]).ids
   recall = indexlib.recall_at_k(ids, exact, C)
   print(f"\ntable recall@{C} with 2 ScaNN shards: {recall:.4f}")
   assert recall >= 0.9
