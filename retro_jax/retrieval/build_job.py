@@ -142,6 +142,8 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
   unknown = set(stages) - set(STAGES)
   if unknown:
     raise ValueError(f"unknown stages {sorted(unknown)}; stages: {STAGES}")
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
   summary: Dict[str, Any] = {"db_dir": db_dir, "seconds": {},
                              "corpus_files_skipped": {}}
   skipped = summary["corpus_files_skipped"]  # Reader skips, by reason.
@@ -172,14 +174,18 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
     from retro_jax.retrieval import beam_jobs  # pylint: disable=g-import-not-at-top
 
   if "embed" in stages:
-    loaded = None if embedder is None or isinstance(embedder, str) else embedder
+    loaded = (None if embedder is None
+              or isinstance(embedder, (str, os.PathLike)) else embedder)
     batch = embed_batch or getattr(loaded, "batch_size", 32)
     embedded = timed("embed", lambda: beam_jobs.embed_pipeline(
         db_dir, beam_jobs.embedder_spec(embedder), batch, workers=workers,
         runner=runner, beam_args=beam_args, loaded=loaded, log=log))
     summary["embed"] = embedded
     summary["embed_chunks_per_s"] = embedded["chunks_per_s"]
-    log(f"embeddings: {_describe(embedded)} in {seconds['embed']:.1f} s"
+    log(f"embeddings: {embedded['chunks_embedded']:,} chunks of "
+        f"{len(embedded['embedded'])} shard(s) embedded, "
+        f"{len(embedded['skipped'])} complete shard(s) kept, in "
+        f"{seconds['embed']:.1f} s"
         + (f" ({embedded['chunks_per_s']} chunks/s on "
            f"{len(embedded['workers'])} worker process(es))"
            if embedded["chunks_embedded"] else ""))
@@ -199,8 +205,9 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
     log(f"index: {built['kind']} over {len(db):,} chunks in "
         f"{len(built['shards'])} shard(s) ({built['built']} built, "
         f"{built['reused']} reused) in {seconds['index']:.1f} s, recall@10 "
-        f"{recall['recall_at_10']:.3f} over {recall['queries']} held-in "
-        f"queries")
+        f"{recall['recall_at_10']:.3f} "
+        + (f"over {recall['queries']} held-in queries" if recall["queries"]
+           else "(exact search)"))
     summary.update(num_chunks=len(db), num_tokens=manifest["num_tokens"],
                    num_documents=manifest["num_documents"],
                    text_bytes=manifest["text_bytes"],
@@ -213,7 +220,13 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
         db_dir, index_dir, table_candidates, workers=workers, runner=runner,
         beam_args=beam_args, log=log))
     summary["table"] = table
-    log(f"table: {_describe(table)} in {seconds['table']:.1f} s")
+    log(f"table: {table['num_chunks']:,} chunks x {table['candidates']} "
+        f"neighbours in {table['shards']} shard(s); this run searched "
+        f"{table['index_shards_searched']} index shard(s) and merged "
+        f"{table['table_shards_merged']} table shard(s) in "
+        f"{seconds['table']:.1f} s"
+        + (f" on {len(table['workers'])} worker process(es)"
+           if table["workers"] else ""))
   log("seconds per stage: " + ", ".join(f"{k} {v:.1f}"
                                         for k, v in seconds.items()))
   return summary
