@@ -55,7 +55,6 @@ def get_config():
   config.data.cache_dir = "runs/quickstart/cache"
 
   config.db.vocab_size = 4096           # = model.vocab_size.
-  config.db.shard_chunks = 2048         # ~5 shards: work for 2 Beam workers.
-  config.db.workers = 2
+  config.db.shard_chunks = 2048         # ~5 shards (units of Beam work).
   config.db.spm_train_bytes = 2_000_000
   return config

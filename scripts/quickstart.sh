@@ -2,8 +2,8 @@
 # RETRO end to end on the embedded default corpus, the Python standard
 # library: installs what is needed (scripts/setup_env.sh), then
 #   1. vocabulary + retrieval DB      scripts/build_db.py (the training
-#                                     split: chunks, BERT embeddings once by
-#                                     2 Beam workers, index, neighbour table)
+#                                     split: chunks, BERT embeddings once
+#                                     (Beam), index, neighbour table)
 #   2. neighbours for every chunk     scripts/cache_tasks.py (train: looked
 #                                     up in the table; validation: embedded)
 #   3. train RETRO                    scripts/train.py

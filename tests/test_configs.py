@@ -44,7 +44,7 @@ INTENDED = {
         "checkpoint.keep", "data.source", "data.task_name", "data.corpus",
         "data.max_bytes.train", "data.max_bytes.validation",
         "data.db_dir", "data.cache_dir", "db.vocab_size",
-        "db.spm_train_bytes", "db.shard_chunks", "db.workers"},
+        "db.spm_train_bytes", "db.shard_chunks"},
     "retro.py": {"model", "data.source", "data.task_name", "data.corpus",
                  "mesh.data", "mesh.fsdp"},
     "bench.py": _SMALL_RUN - {"checkpoint.every"} | {
