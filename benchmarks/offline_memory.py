@@ -194,8 +194,7 @@ def _hwm_mib() -> float:
 
 def run_stage(stage: str, db_dir: str) -> None:
   """One stage as scripts/build_db.py runs it, then one JSON line."""
-  from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory()  # As build_db.py does.
+  # build_db.py keeps glibc's freed memory only for the embed stage.
   from retro_jax.retrieval import build_job  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import index  # pylint: disable=g-import-not-at-top
   import apache_beam  # pylint: disable=g-import-not-at-top,unused-import

@@ -63,7 +63,12 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:    # Progress goes to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows JAX's INFO logs.
-  host_memory.keep_freed_memory()  # Before the XLA backend starts.
+  if _STAGE.value in ("all", "embed"):
+    # BERT's step reuses its freed temporaries; the index and table stages
+    # do not run XLA, and a heap that is never trimmed would keep every
+    # index shard's freed buffers (their peak memory would grow with the
+    # number of shards, not stay at one shard's).
+    host_memory.keep_freed_memory()  # Before the XLA backend starts.
   config = _CONFIG.value
   data, db = config.data, config.db
   if not data.db_dir:
