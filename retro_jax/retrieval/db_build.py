@@ -10,9 +10,12 @@ layout and the atomic-write rules that make this true):
                     shard in memory. A rerun re-reads the stream and
                     rewrites only shards whose bytes differ from what is on
                     disk or that are damaged.
-  2. embed_shards   frozen BERT over the detokenized chunks of the shards
-                    i with i % num_shards == shard_index, so the stage spreads
-                    over workers; complete shards are skipped.
+  2. embed_shard    frozen BERT over the detokenized chunks of one shard:
+                    the unit of work of the Beam pipeline that runs the stage
+                    over workers (beam_jobs.embed_pipeline, after
+                    `embedding_plan` lists the shards left); `embed_shards`
+                    is the same loop in one process. Complete shards are
+                    skipped.
   3. finalize       checks every shard against its checksums and writes
                     manifest.json, the only file that makes the DB servable.
 
