@@ -160,6 +160,28 @@ def _unfinalized_reason(path: str) -> str:
   return fmt.describe(problems) if problems else "all shards are complete"
 
 
+def gather_rows(arrays: List[np.ndarray], offsets: np.ndarray,
+                ids: np.ndarray) -> np.ndarray:
+  """Rows `ids` (global chunk ids, any shape) of per-shard `arrays` whose
+  first rows are the ids `offsets[:-1]` ([S + 1] cumulative sizes):
+  [..., *row shape]. Reads each shard once, so memory maps stay cheap."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind not in "iu":
+    raise TypeError(f"chunk ids must be integers, got {ids.dtype}")
+  flat = ids.reshape(-1).astype(np.int64)  # [K]
+  if flat.size and (flat.min() < 0 or flat.max() >= offsets[-1]):
+    raise IndexError(f"chunk ids must lie in [0, {offsets[-1]}), got "
+                     f"[{flat.min()}, {flat.max()}]")
+  shard = np.searchsorted(offsets, flat, side="right") - 1  # [K]
+  row = flat - offsets[shard]  # [K]
+  first = arrays[0]
+  out = np.empty((len(flat),) + first.shape[1:], first.dtype)  # [K, ...]
+  for s in np.unique(shard):
+    sel = shard == s
+    out[sel] = arrays[s][row[sel]]
+  return out.reshape(ids.shape + first.shape[1:])
+
+
 class RetrievalDB:
   """A finalized retrieval DB, memory-mapped; open it with `RetrievalDB.open`.
 
@@ -275,21 +297,7 @@ class RetrievalDB:
 
   def _gather(self, arrays: List[np.ndarray], ids: np.ndarray) -> np.ndarray:
     """Rows `ids` (any shape, all in [0, N)) of per-shard `arrays`."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-      raise TypeError(f"chunk ids must be integers, got {ids.dtype}")
-    flat = ids.reshape(-1).astype(np.int64)  # [K]
-    if flat.size and (flat.min() < 0 or flat.max() >= self.num_chunks):
-      raise IndexError(f"chunk ids must lie in [0, {self.num_chunks}), got "
-                       f"[{flat.min()}, {flat.max()}]")
-    shard = np.searchsorted(self._offsets, flat, side="right") - 1  # [K]
-    row = flat - self._offsets[shard]  # [K]
-    first = arrays[0]
-    out = np.empty((len(flat),) + first.shape[1:], first.dtype)  # [K, ...]
-    for s in np.unique(shard):
-      sel = shard == s
-      out[sel] = arrays[s][row[sel]]
-    return out.reshape(ids.shape + first.shape[1:])
+    return gather_rows(arrays, self._offsets, ids)
 
   def chunk_tokens(self, ids: np.ndarray) -> np.ndarray:
     """int32 [..., m]: the tokens of chunks `ids` (0-padded)."""

@@ -59,7 +59,7 @@ from retro_jax.core import files
 from retro_jax.retrieval import db_format as fmt
 from retro_jax.retrieval import index_shards
 from retro_jax.retrieval import neighbours
-from retro_jax.retrieval.db import RetrievalDB
+from retro_jax.retrieval.db import RetrievalDB, gather_rows
 
 TABLE_DIR = "table"
 TABLE_JSON = "table.json"
@@ -355,20 +355,5 @@ class NeighbourTable:
     """Global chunk ids int [...] -> (neighbour ids int64 [..., C], squared
     L2 distances float32 [..., C]), nearest first, from documents other
     than the chunk's own; read from the memory maps."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-      raise TypeError(f"chunk ids must be integers, got {ids.dtype}")
-    flat = ids.reshape(-1).astype(np.int64)  # [K]
-    if flat.size and (flat.min() < 0 or flat.max() >= self.num_chunks):
-      raise IndexError(f"chunk ids must lie in [0, {self.num_chunks}), got "
-                       f"[{flat.min()}, {flat.max()}]")
-    shard = np.searchsorted(self._offsets, flat, side="right") - 1  # [K]
-    row = flat - self._offsets[shard]  # [K]
-    out_ids = np.empty((len(flat), self.candidates), np.int64)  # [K, C]
-    out_dists = np.empty((len(flat), self.candidates), np.float32)  # [K, C]
-    for s in np.unique(shard):
-      sel = shard == s
-      out_ids[sel] = self._ids[s][row[sel]]
-      out_dists[sel] = self._dists[s][row[sel]]
-    shape = ids.shape + (self.candidates,)
-    return out_ids.reshape(shape), out_dists.reshape(shape)
+    return (gather_rows(self._ids, self._offsets, ids),
+            gather_rows(self._dists, self._offsets, ids))
