@@ -45,6 +45,8 @@ def get_config():
   config.train.b2 = 0.95                # AdamW second-moment decay.
   config.train.clip_norm = 1.0          # Global-norm clipping; 0 = off.
   config.train.accum_steps = 1          # Micro-batches accumulated per step.
+  config.train.retrieval_lr_scale = 1.0  # Learning-rate multiplier of the
+                                        # retrieval path (CCA and encoder).
   config.train.trainable = "all"        # all | retrieval (RETROfit: CCA and
                                         # encoder only, the rest frozen).
   config.train.init_from = ""           # RETROfit: workdir of a trained
@@ -79,6 +81,11 @@ def get_config():
   config.data.db_dir = ""               # Retrieval DB (scripts/build_db.py).
   config.data.cache_dir = ""            # seqio cache of the Task
                                         # (scripts/cache_tasks.py).
+  # Share of training sequences (task source) whose first neighbour of
+  # every chunk is the sequence's own text: the chunk and its continuation,
+  # a leak by construction that teaches reading (docs/results.md §4).
+  # 0 = the paper's setting: neighbours only from other documents.
+  config.data.copy_share = 0.0
 
   config.db = ml_collections.ConfigDict()
   # The DB holds the training split (data.corpus, data.split, its

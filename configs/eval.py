@@ -7,6 +7,9 @@ or several joined by commas); every field of a picked set stays overridable:
   python scripts/evaluate.py --workdir=runs/tiny \
       --config=configs/eval.py:task,stdlib [--db=runs/db_other] \
       [--config.eval.num_neighbours=10 --config.eval.stride=128]
+  # Does the model read its neighbours? The leakage probe, and the control:
+  python scripts/evaluate.py --workdir=runs/tiny --config=configs/eval.py:task \
+      --config.eval.neighbours=leak       # (or =random)
   # The Pile's validation split, every subset reported on its own:
   python scripts/evaluate.py --workdir=runs/172m --config=configs/eval.py:pile \
       --config.eval.sets.pile.corpus=jsonl:/data/pile/val.jsonl.zst
@@ -76,6 +79,11 @@ def get_config(groups: str = "task"):
   config.eval.num_neighbours = 0     # k at evaluation; 0 = the trained k.
   config.eval.batch_size = 4         # Sequences per forward pass.
   config.eval.max_batches = 0        # Stop after this many batches; 0 = all.
+  # What the evaluated chunks retrieve (retro_jax/evaluation/probes.py):
+  # db (the run's DB, other documents only, as in training) | leak (the DB
+  # plus the evaluated text itself, kept retrievable: the leakage probe) |
+  # random (k random DB chunks per chunk: the control).
+  config.eval.neighbours = "db"
   config.eval.leakage_source = "previous"  # r(C_u) against Ret(C_{u-1})
                                      # (what C_u is predicted with) | same.
   config.eval.cache_dir = ""         # seqio cache of "task"; "" = the run's.

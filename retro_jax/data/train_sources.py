@@ -121,13 +121,41 @@ def task_source(config: ml_collections.ConfigDict, *,
       raise ValueError(f"config.data.{field} must be set when "
                        f"config.data.source='task'")
   tasks.register_run_task(config)
+  share = float(d.get("copy_share", 0.0))
+  if not 0.0 <= share <= 1.0:
+    raise ValueError(f"config.data.copy_share must be in [0, 1], got {share}")
 
   def iterate(start_step: int) -> Iterator[Batch]:
-    return tasks.batches(
+    batches = tasks.batches(
         d.task_name, d.split, batch_size=tc.batch_size, cache_dir=d.cache_dir,
         seed=tc.seed, shard_index=shard[0], num_shards=shard[1],
         start_step=start_step)
+    if not share:
+      return batches
+    return (with_own_text(batch, share, tc.seed, step, shard)
+            for step, batch in enumerate(batches, start_step))
   return iterate
+
+
+def with_own_text(batch: Batch, share: float, seed: int, step: int,
+                  shard: Tuple[int, int] = (0, 1)) -> Batch:
+  """`batch` with, in a `share` of its rows, neighbour 0 of every chunk u
+  replaced by the row's own tokens [u*m, u*m + r): chunk u and its
+  continuation, the text that CCA predicts from them (padded with 0 past
+  the sequence; the last chunk's neighbours reach no target). The other
+  neighbours stay those retrieved. Which rows is a function of (seed, step)
+  over the global batch, so every host agrees."""
+  tokens, nbs = batch["tokens"], batch["neighbours"].copy()  # [b, n], [b, L, k, r]
+  b, n = tokens.shape
+  _, l, _, r = nbs.shape
+  m = n // l
+  index, count = shard
+  rng = np.random.default_rng([seed, step, 0x5E1F])
+  rows = (rng.random(b * count) < share)[index * b:(index + 1) * b]  # [b]
+  padded = np.pad(tokens, ((0, 0), (0, r)))  # [b, n + r]
+  own = np.stack([padded[:, u * m:u * m + r] for u in range(l)], 1)  # [b, L, r]
+  nbs[rows, :, 0] = own[rows]
+  return dict(batch, neighbours=nbs)
 
 
 def make_source(config: ml_collections.ConfigDict,

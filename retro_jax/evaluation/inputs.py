@@ -142,11 +142,17 @@ def online_batches(sequences: Dict[str, np.ndarray], retriever, sp, k: int,
     {tokens [b, n], loss_mask [b, n], doc_ids [b, n], neighbours
     [b, L, k, r]}.
   """
+  return with_neighbours(sequence_batches(sequences, batch_size), retriever,
+                         sp, k, chunk_size, neighbour_len)
+
+
+def sequence_batches(sequences: Dict[str, np.ndarray], batch_size: int
+                     ) -> Iterator[Dict[str, np.ndarray]]:
+  """`sequences` ({key: [S, ...]}) in batches of `batch_size` rows (the
+  last may be smaller), without neighbours."""
   total = len(sequences["tokens"])
-  batches = ({key: v[lo:lo + batch_size] for key, v in sequences.items()}
-             for lo in range(0, total, batch_size))
-  return with_neighbours(batches, retriever, sp, k, chunk_size,
-                         neighbour_len)
+  return ({key: v[lo:lo + batch_size] for key, v in sequences.items()}
+          for lo in range(0, total, batch_size))
 
 
 def document_batches(texts: Iterable[Tuple[int, str]], sp, seq_len: int,

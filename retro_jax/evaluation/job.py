@@ -33,6 +33,7 @@ from retro_jax.evaluation import chunk_files
 from retro_jax.evaluation import inputs
 from retro_jax.evaluation import intervals
 from retro_jax.evaluation import loaded_run
+from retro_jax.evaluation import probes
 from retro_jax.evaluation import report
 from retro_jax.evaluation import scores
 from retro_jax.evaluation import sets as sets_lib
@@ -49,9 +50,12 @@ class Plan:
   trained_k: int  # Those the run trained (and its Task cached) with.
   seq_len: int  # n of the corpus sets' windows.
   stride: int  # Their window step (seq_len: no overlap).
-  online: bool  # The Task's cached neighbours are replaced (DB or k swapped).
+  online: bool  # The Task's cached neighbours are replaced (DB, k or
+  #               neighbours swapped).
   retrieval: bool  # The model has CCA layers (False: never open the DB).
-  tag: str  # Names the output files: step_<step>[_k<k>][_<DB folder>].
+  neighbours: str  # What chunks retrieve (probes.MODES): db | leak | random.
+  tag: str  # Names the output files: step_<step>[_k<k>][_<DB folder>]
+  #           [_leak | _random].
 
 
 def plan_of(run: loaded_run.LoadedRun, eval_config: ml_collections.ConfigDict,
@@ -59,12 +63,15 @@ def plan_of(run: loaded_run.LoadedRun, eval_config: ml_collections.ConfigDict,
   trained_k = run.model_config.num_neighbours
   k = eval_config.num_neighbours or trained_k
   n = eval_config.seq_len or int(run.config.train.seq_len)
+  mode = probes.check_mode(eval_config.get("neighbours", "db"))
   tag = f"step_{run.step}" + (f"_k{k}" if k != trained_k else "") + (
-      "_" + os.path.basename(os.path.normpath(db_dir)) if db_dir else "")
+      "_" + os.path.basename(os.path.normpath(db_dir)) if db_dir else "") + (
+          f"_{mode}" if mode != "db" else "")
   return Plan(k=k, trained_k=trained_k, seq_len=n,
               stride=eval_config.stride or n,
-              online=bool(db_dir) or k != trained_k,
-              retrieval=run.model_config.has_retrieval, tag=tag)
+              online=bool(db_dir) or k != trained_k or mode != "db",
+              retrieval=run.model_config.has_retrieval, neighbours=mode,
+              tag=tag)
 
 
 def set_batches(run: loaded_run.LoadedRun,
@@ -75,13 +82,21 @@ def set_batches(run: loaded_run.LoadedRun,
   The retriever loads only when a batch needs it."""
   m, r = run.model_config.chunk_size, run.model_config.neighbour_len
 
-  def retriever():
-    return run.retriever if plan.retrieval else None
+  def renew(batches):  # Neighbours for `batches`, as plan.neighbours says.
+    if not plan.retrieval:  # All padding: the model has nothing to read.
+      return inputs.with_neighbours(batches, None, run.tokenizer, plan.k, m,
+                                    r)
+    if plan.neighbours == "random":
+      return probes.with_random_neighbours(batches, run.db, plan.k)
+    retriever = run.retriever
+    if plan.neighbours == "leak":
+      batches = probes.materialize(batches, eval_config.max_batches or None)
+      retriever = probes.leaked_retriever(retriever, run.tokenizer, batches,
+                                          m)
+    return inputs.with_neighbours(batches, retriever, run.tokenizer, plan.k,
+                                  m, r)
 
   if eval_set.is_task:
-    def renew(batches):
-      return inputs.with_neighbours(batches, retriever(), run.tokenizer,
-                                    plan.k, m, r)
     # The Task's sequences keep the length they were cached at.
     yield eval_set.name, sets_lib.task_batches(
         run.config, eval_config, renew if plan.online else None), int(
@@ -90,10 +105,11 @@ def set_batches(run: loaded_run.LoadedRun,
   docs = sets_lib.documents(eval_set, eval_config.split,
                             eval_config.max_bytes)
   for name, group in sets_lib.groups_of(eval_set, docs).items():
-    yield name, inputs.document_batches(
-        [(d.doc_id, d.text) for d in group], run.tokenizer, plan.seq_len,
-        plan.stride, retriever(), plan.k, eval_config.batch_size, m,
-        r), plan.seq_len
+    sequences = inputs.sequences_from_documents(
+        [(d.doc_id, run.tokenizer.encode(d.text)) for d in group],
+        plan.seq_len, plan.stride, m)
+    yield name, renew(inputs.sequence_batches(
+        sequences, eval_config.batch_size)), plan.seq_len
 
 
 def score_batches(run: loaded_run.LoadedRun,
@@ -109,6 +125,7 @@ def score_batches(run: loaded_run.LoadedRun,
       leakage_source=eval_config.leakage_source, token_nll=run.token_nll)
   summary = scores.summarize(chunk_scores)
   summary["leakage"] = report.leakage_table(chunk_scores)
+  summary["overlap"] = report.overlap_split(chunk_scores)
   if retrieval:  # What switching retrieval on saves, with its interval.
     summary["retrieval_gain"] = intervals.paired_gain(
         chunk_scores.nll_off, chunk_scores.nll_on, chunk_scores.bytes,
@@ -147,7 +164,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str,
   results: Dict[str, Any] = {
       "workdir": workdir, "step": run.step, "db_dir": run.db_dir,
       "num_neighbours": plan.k, "retrieval": plan.retrieval,
-      "leakage_source": ec.leakage_source,
+      "leakage_source": ec.leakage_source, "neighbours": plan.neighbours,
       "leakage_neighbours": LEAKAGE_NEIGHBOURS.get(ec.leakage_source,
                                                    ec.leakage_source),
       "seq_len": plan.seq_len, "stride": plan.stride, "sets": {}}

@@ -45,6 +45,43 @@ def leakage_table(scores: ChunkScores,
   return rows
 
 
+def overlap_split(scores, threshold: float = 0.75) -> Dict[str, Dict]:
+  """Bits per byte with retrieval on and off on the chunks with r(C) above
+  `threshold` ("overlapping": their neighbours hold most of their text) and
+  on the rest, and how much lower "on" is than "off" (`cut`, a fraction).
+  `scores`: `scores.ChunkScores` with leakage and retrieval-off scores."""
+  counted = scores.targets > 0
+  out = {"threshold": float(threshold)}
+  for name, keep in (("overlapping", scores.leakage > threshold),
+                     ("rest", scores.leakage <= threshold)):
+    sub = scores.select(keep & counted)
+    nbytes = int(sub.bytes.sum())
+    row = {"chunks": int((keep & counted).sum()), "bytes": nbytes}
+    if nbytes:
+      row["bpb_on"] = float(sub.nll_on.sum() / LN2 / nbytes)
+      if sub.nll_off is not None:
+        row["bpb_off"] = float(sub.nll_off.sum() / LN2 / nbytes)
+        row["cut"] = 1.0 - row["bpb_on"] / row["bpb_off"]
+    out[name] = row
+  return out
+
+
+def format_overlap(name: str, split: Dict[str, Dict]) -> List[str]:
+  """One logged line per side of `overlap_split`."""
+  lines = []
+  for side, what in (("overlapping", f"r(C) > {split['threshold']:g}"),
+                     ("rest", f"r(C) <= {split['threshold']:g}")):
+    row = split[side]
+    if "cut" not in row:
+      lines.append(f"{name}: {row['chunks']} chunks with {what}")
+      continue
+    lines.append(f"{name}: {row['chunks']} chunks with {what}: "
+                 f"{row['bpb_on']:.4f} bpb with retrieval, "
+                 f"{row['bpb_off']:.4f} without ({100 * row['cut']:.1f}% "
+                 f"lower)")
+  return lines
+
+
 def format_table(rows: List[Dict[str, float]]) -> str:
   """The leakage table as aligned text."""
   lines = [f"{'alpha':>6} {'chunks':>7} {'frac':>6} {'bpb on':>8} "
@@ -76,6 +113,8 @@ def format_summary(name: str, summary: Dict[str, Any]) -> str:
                  f"({100 * g['relative']:.2f}%), 95% interval over the "
                  f"{g['sequences']} sequences [{g['ci95'][0]:.4f}, "
                  f"{g['ci95'][1]:.4f}]")
+  if "overlap" in summary and "retrieval_off" in summary:
+    lines.extend(format_overlap(name, summary["overlap"]))
   if "leakage" in summary:
     lines.append(format_table(summary["leakage"]))
   return "\n".join(lines)

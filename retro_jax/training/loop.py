@@ -199,7 +199,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                      tc.total_steps, tc.end_lr_ratio)
   optimizer = step_lib.make_optimizer(
       tc.learning_rate, tc.warmup_steps, tc.total_steps, tc.end_lr_ratio,
-      weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None)
+      weight_decay=tc.weight_decay, b2=tc.b2, clip_norm=tc.clip_norm or None,
+      retrieval_lr_scale=tc.get("retrieval_lr_scale", 1.0))
   abstract, state_sh, _ = step_lib.state_shardings(
       model, optimizer, mesh, batch_abs, trainable=tc.trainable)
 

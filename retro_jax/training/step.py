@@ -52,18 +52,42 @@ def make_optimizer(learning_rate: float = 1e-4, warmup_steps: int = 750,
                    total_steps: int = 0, end_lr_ratio: float = 0.1,
                    weight_decay: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8,
-                   clip_norm: Optional[float] = 1.0
+                   clip_norm: Optional[float] = 1.0,
+                   retrieval_lr_scale: float = 1.0
                    ) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay, after global-norm clipping.
 
   `total_steps=0` keeps the rate constant after warmup (benchmarks).
+  `retrieval_lr_scale` multiplies the rate (and so the decay step) of the
+  CCA layers and the neighbour encoder (`is_retrieval_module`).
   """
   schedule = make_schedule(learning_rate, warmup_steps, total_steps,
                            end_lr_ratio)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
                            weight_decay=weight_decay))
+  if retrieval_lr_scale != 1.0:
+    parts.append(scale_retrieval_updates(retrieval_lr_scale))
   return optax.chain(*parts)
+
+
+def scale_retrieval_updates(scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates of retrieval parameters (CCA, encoder) by
+  `scale`: after AdamW, the same as a `scale` times larger learning rate
+  for them. Which leaves are scaled is read from the parameter paths at
+  trace time, so the transform has no state."""
+
+  def update(updates, state, params=None):
+    del params
+
+    def one(path, u):
+      key = _param_key(path)
+      return u * scale if key and is_retrieval_module(key[0]) else u
+
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
 
 
 # -- trainable subsets (RETROfit) ---------------------------------------------

@@ -152,3 +152,24 @@ def test_accumulated_step_equals_whole_batch_step():
   for a, b in zip(jax.tree_util.tree_leaves(one.params),
                   jax.tree_util.tree_leaves(two.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_retrieval_lr_scale_multiplies_only_retrieval_updates():
+  """The first AdamW step moves every weight by about lr; with the scale,
+  CCA and encoder weights move `scale` times as far, the rest as before."""
+  model, _, batch, state = _tiny_setup()
+  moved = {}
+  for scale in (1.0, 3.0):
+    opt = step_lib.make_optimizer(1e-2, warmup_steps=0, weight_decay=0.0,
+                                  retrieval_lr_scale=scale)
+    s = step_lib.TrainState(state.params, opt.init(state.params), state.step)
+    new, _ = jax.jit(lambda s, b, o=opt: step_lib.train_step(model, o, s, b))(
+        s, batch)
+    moved[scale] = jax.tree.map(lambda a, b: np.asarray(a - b), new.params,
+                                state.params)
+  for module in moved[1.0]:
+    for name, d1 in moved[1.0][module].items():
+      d3 = moved[3.0][module][name]
+      want = 3.0 if step_lib.is_retrieval_module(module) else 1.0
+      np.testing.assert_allclose(d3, want * d1, rtol=1e-4, atol=1e-7,
+                                 err_msg=f"{module}/{name}")

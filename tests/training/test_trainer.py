@@ -239,3 +239,25 @@ def test_copy_probe_neighbour_holds_what_the_chunk_predicts():
   np.testing.assert_array_equal(again["neighbours"], nbs[2:])
   assert not np.array_equal(
       train_sources.copy_batch(cfg, 4, 2 * r, seed=3, step=8)["tokens"], tokens)
+
+
+def test_copy_share_gives_a_share_of_rows_their_own_text_as_neighbour_0():
+  rng = np.random.default_rng(0)
+  m, l, k, r, b = 64, 4, 2, 128, 64
+  batch = {"tokens": rng.integers(1, 500, (b, l * m), np.int32),
+           "neighbours": rng.integers(1, 500, (b, l, k, r), np.int32)}
+  out = train_sources.with_own_text(batch, 0.25, seed=1, step=5)
+  own = np.pad(batch["tokens"], ((0, 0), (0, r)))
+  rows = np.array([all(np.array_equal(out["neighbours"][i, u, 0],
+                                      own[i, u * m:u * m + r])
+                       for u in range(l)) for i in range(b)])
+  assert 5 <= rows.sum() <= 30  # About a quarter of 64.
+  np.testing.assert_array_equal(out["neighbours"][~rows],
+                                batch["neighbours"][~rows])
+  np.testing.assert_array_equal(out["neighbours"][:, :, 1],
+                                batch["neighbours"][:, :, 1])
+  # Hosts pick their rows of the same global choice.
+  half = {key: v[b // 2:] for key, v in batch.items()}
+  np.testing.assert_array_equal(
+      train_sources.with_own_text(half, 0.25, 1, 5, shard=(1, 2))[
+          "neighbours"], out["neighbours"][b // 2:])
