@@ -86,6 +86,9 @@ def get_config():
   # a leak by construction that teaches reading (docs/results.md §4).
   # 0 = the paper's setting: neighbours only from other documents.
   config.data.copy_share = 0.0
+  # That own text is shifted by up to this many tokens either way (drawn per
+  # sequence), so that reading it takes matching content, not position.
+  config.data.copy_shift = 0
 
   config.db = ml_collections.ConfigDict()
   # The DB holds the training split (data.corpus, data.split, its

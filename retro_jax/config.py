@@ -61,6 +61,15 @@ class RetroConfig:
   # exactly its no-retrieval baseline and the residual stream carries no
   # neighbour noise until CCA has learnt something (cf. Flamingo's zero gates).
   zero_init_cca: bool = False
+  # CCA queries and keys add learned per-head vectors before RoPE: the
+  # position terms of the paper's relative attention in CCA (content x
+  # position, position only; attention.ChunkedCrossAttention).
+  cca_qk_bias: bool = False
+  # CCA's value and output projections start as identities and an untied
+  # output as the embedding's transpose: an attended neighbour token raises
+  # its own logit from the first step, so attention learns where to read at
+  # once instead of after a long plateau (docs/results.md §4).
+  cca_copy_init: bool = False
   rope_base: float = 10_000.0        # Rotary embedding base frequency.
   norm_eps: float = 1e-6             # RMSNorm epsilon.
   compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16;

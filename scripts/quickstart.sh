@@ -9,38 +9,20 @@
 #   3. train RETRO                    scripts/train.py
 #   4. train the baseline (no CCA)    scripts/train.py --config.model.cca_layers="()"
 #   5. evaluate both                  scripts/evaluate.py (bits per byte with
-#                                     retrieval on / off, leakage table + plot)
+#                                     retrieval on / off, leakage table + plot),
+#                                     then RETRO's leakage probe (the held-out
+#                                     text retrievable too) and its control
+#                                     (random neighbours)
 #   6. sample with retrieval          scripts/sample.py --show_neighbours
 # Every stage resumes: after Ctrl-C or `kill`, run the command again.
 #
 #   bash scripts/quickstart.sh [--steps=N] [--data_bytes=N] [--corpus=SPEC]
 #                              [--workdir=DIR]
-#     --steps       training steps of each model (default 300, ~15 min in all
-#                   on 2 CPU cores; docs/results.md: what more steps do and do not buy)
-#     --data_bytes  corpus text in the DB and the training Task (default 2 MB;
-#                   at least ~300 kB for the 4096-piece vocabulary). A tenth
-#                   as much text of held-out files is what evaluation scores.
-#     --corpus      sources.open_corpus spec (default python_stdlib:shuffled,
-#                   the library's files in a stable hashed order, so that the
-#                   2 MB prefix samples every package)
+# (scripts/quickstart_args.sh says what each argument does.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-STEPS=300
-DATA_BYTES=2000000
-CORPUS=python_stdlib:shuffled
-W=runs/quickstart
-for arg in "$@"; do
-  case "$arg" in
-    --steps=*) STEPS="${arg#*=}" ;;
-    --data_bytes=*) DATA_BYTES="${arg#*=}" ;;
-    --corpus=*) CORPUS="${arg#*=}" ;;
-    --workdir=*) W="${arg#*=}" ;;
-    *) echo "unknown argument $arg" \
-            "(known: --steps= --data_bytes= --corpus= --workdir=)" >&2
-       exit 2 ;;
-  esac
-done
+source scripts/quickstart_args.sh
 
 bash scripts/setup_env.sh
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,19 +34,6 @@ stage() {  # stage NAME: prints a banner and the elapsed time.
   printf '\n== %s  (%d s elapsed)\n' "$1" $((SECONDS - T0))
 }
 
-VAL_BYTES=$((DATA_BYTES / 10))   # Held-out text that evaluation scores.
-# The same data fields for the DB build, the neighbour cache and training.
-# configs/quickstart.py leaves data.spm_path "": the DB build trains the
-# vocabulary at $W/spm.model and keeps a copy in $W/db/spm.model, which the
-# cache job and training read.
-DATA=(--config=configs/quickstart.py --config.data.corpus="$CORPUS"
-      --config.data.max_bytes.train="$DATA_BYTES"
-      --config.data.max_bytes.validation="$VAL_BYTES"
-      --config.db.spm_train_bytes="$DATA_BYTES"
-      --config.data.db_dir="$W/db"
-      --config.data.cache_dir="$W/cache")
-TRAIN=("${DATA[@]}" --config.train.steps="$STEPS")
-
 stage "1/6 vocabulary and retrieval DB (the training split: $DATA_BYTES bytes of $CORPUS)"
 "$PY" scripts/build_db.py "${DATA[@]}"
 
@@ -75,13 +44,15 @@ stage "3/6 train RETRO ($STEPS steps)"
 "$PY" scripts/train.py "${TRAIN[@]}" --workdir="$W/retro"
 
 stage "4/6 train the baseline: the same model without CCA ($STEPS steps)"
-"$PY" scripts/train.py "${TRAIN[@]}" --workdir="$W/baseline" \
-  --config.model.cca_layers="()"
+"$PY" scripts/train.py "${TRAIN[@]}" --workdir="$W/baseline" "${BASELINE[@]}"
 
 stage "5/6 evaluate on held-out files"
-EVAL=(--config=configs/eval.py:task --config.eval.max_batches=64)
 "$PY" scripts/evaluate.py "${EVAL[@]}" --workdir="$W/retro"
 "$PY" scripts/evaluate.py "${EVAL[@]}" --workdir="$W/baseline"
+for probe in leak random; do
+  "$PY" scripts/evaluate.py "${EVAL[@]}" --workdir="$W/retro" \
+    --config.eval.neighbours=$probe
+done
 
 stage "6/6 sample a continuation, retrieving at every chunk boundary"
 "$PY" scripts/sample.py --workdir="$W/retro" --num_tokens=128 \
@@ -95,7 +66,7 @@ def main(argv):
 
 stage "done"
 "$PY" - "$W" <<'PYEOF'
-import glob, json, os, sys
+import glob, json, os, re, sys
 import numpy as np
 from retro_jax.data import cache_job
 from retro_jax.evaluation import chunk_files, intervals
@@ -104,10 +75,16 @@ cached = cache_job.cached_summary("retro_quickstart", os.path.join(w, "cache"))
 short = {split: cached[split]["missing"] for split in ("train", "validation")}
 print(f"chunks with fewer than k neighbours after the document filter: "
       f"{short}")
-def result(run):
-  path = sorted(glob.glob(os.path.join(w, run, "eval", "step_*.json")))[-1]
+def result(run, probe=""):
+  """The run's latest evaluation of the Task set (with neighbours `probe`)."""
+  steps = [int(m.group(1)) for p in glob.glob(os.path.join(w, run, "eval",
+                                                          "*.json"))
+           for m in [re.fullmatch(rf"step_(\d+){probe}\.json",
+                                  os.path.basename(p))] if m]
+  path = os.path.join(w, run, "eval", f"step_{max(steps)}{probe}.json")
   return json.load(open(path))["sets"]["task"]
 retro, base = result("retro"), result("baseline")
+leak, control = result("retro", "_leak"), result("retro", "_random")
 on, off = (retro[s]["bits_per_byte"] for s in ("retrieval_on", "retrieval_off"))
 print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
       f"baseline without CCA {base['retrieval_on']['bits_per_byte']:.4f}")
@@ -125,6 +102,14 @@ for what, g in (("retrieval on vs off", retro["retrieval_gain"]),
                     seq_chunks))):
   print(f"  {what}: {g['bpb_gain']:+.4f} bpb saved ({100 * g['relative']:+.2f}%),"
         f" 95% interval [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]")
+o = leak["overlap"]["overlapping"]
+print(f"leakage probe (the held-out text retrievable too): {o['chunks']} "
+      f"chunks with r(C) > 0.75: {o['bpb_on']:.4f} bpb with retrieval, "
+      f"{o['bpb_off']:.4f} without ({100 * o['cut']:.1f}% lower)")
+g = control["retrieval_gain"]
+print(f"control (random neighbours): retrieval saves {g['bpb_gain']:+.4f} bpb "
+      f"({100 * g['relative']:+.2f}%), 95% interval [{g['ci95'][0]:+.4f}, "
+      f"{g['ci95'][1]:+.4f}]")
 PYEOF
 cat <<EOF
 TensorBoard logs:  $W/retro, $W/baseline   (tensorboard --logdir $W)

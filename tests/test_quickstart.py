@@ -25,6 +25,12 @@ ARGS = ["--steps=12", "--data_bytes=300000"]
 BPB_LINE = re.compile(r"held-out bits per byte: RETRO ([\d.]+) \(retrieval off "
                       r"([\d.]+)\), baseline without CCA ([\d.]+)")
 
+LEAK_LINE = re.compile(r"leakage probe \(the held-out text retrievable too\): "
+                       r"(\d+) chunks with r\(C\) > 0.75: ([\d.]+) bpb with "
+                       r"retrieval, ([\d.]+) without \(([-\d.]+)% lower\)")
+CONTROL_LINE = re.compile(r"control \(random neighbours\): retrieval saves "
+                          r"([-+][\d.]+) bpb")
+
 PAIRED_LINE = re.compile(r"  (\S.*?\S) *: ([-+][\d.]+) bpb saved \([-+][\d.]+%\), "
                          r"95% interval \[([-+][\d.]+), ([-+][\d.]+)\]")
 
@@ -99,6 +105,14 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
   assert float(gain[1][1]) == pytest.approx(base - on, abs=2e-4)
   for _, saved, low, high in gain:
     assert float(low) <= float(saved) <= float(high)
+  # The leakage probe: with the held-out text in the DB most chunks (all
+  # but each sequence's first) overlap their neighbours; its cut is the
+  # relative difference of its two figures. Then the random control.
+  chunks, leak_on, leak_off, cut = LEAK_LINE.search(second).groups()
+  assert int(chunks) > 0
+  assert float(cut) == pytest.approx(
+      100 * (1 - float(leak_on) / float(leak_off)), abs=0.06)
+  assert CONTROL_LINE.search(second)
   # Sampling shows each chunk with the neighbours it was continued from.
   assert "=== chunk 1 ===" in second and "--- neighbour 0 ---" in second
 
@@ -110,6 +124,9 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
     sets = json.load(open(result))["sets"]["task"]
     assert sets["retrieval_on"]["bits_per_byte"] > 0
   assert glob.glob(f"{w}/retro/eval/leakage_step_12.png")
+  for probe in ("leak", "random"):
+    [result] = glob.glob(f"{w}/retro/eval/step_12_{probe}.json")
+    assert json.load(open(result))["neighbours"] == probe
   assert f"retrieval DB:      {w}/db" in second
 
   # Complete: a third run trains nothing and reproduces the numbers.
@@ -118,3 +135,32 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
   third = _run(w)
   assert _mtimes(checkpoints) == checkpoints
   assert BPB_LINE.search(third).groups() == BPB_LINE.search(second).groups()
+
+
+def test_seeds_script_trains_other_seeds_and_pairs_them(tmp_path):
+  """scripts/seeds.sh after a quickstart: seed 0 is the quickstart's own
+  runs (linked, not retrained), seed 1 is trained; the table pairs RETRO
+  with the baseline per seed, and seed 0's figure is the quickstart's."""
+  w = str(tmp_path / "qs")
+  first = _run(w)
+  on, _, _ = BPB_LINE.search(first).groups()
+  env = dict(os.environ, VENV=sys.prefix)
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(
+      ["bash", "scripts/seeds.sh", *ARGS, f"--workdir={w}", "--seeds=0,1",
+       "--models=retro,baseline"], cwd=REPO_ROOT, env=env, text=True,
+      capture_output=True, timeout=1500)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert os.path.islink(f"{w}/seeds/retro/seed_0")
+  assert os.path.isdir(f"{w}/seeds/retro/seed_1/checkpoints/12")
+  rows = {line.split("|")[1].strip(): [c.strip() for c in
+                                       line.split("|")[2:-1]]
+          for line in done.stdout.splitlines() if line.startswith("| ")}
+  assert rows["retro, retrieval on"][0] == on
+  assert rows["retro, retrieval on"][1] != on   # Another seed, another run.
+  for s in range(2):
+    assert rows["retro saves over baseline"][s].count("[") == 1
+    assert rows["retro, leakage probe: r(C) > 0.75 cut"][s].endswith("%")
+  bad = subprocess.run(["bash", "scripts/seeds.sh", "--workdir=/nonexistent"],
+                       cwd=REPO_ROOT, env=env, text=True, capture_output=True)
+  assert bad.returncode == 2 and "run scripts/quickstart.sh" in bad.stderr

@@ -48,6 +48,7 @@ PARAM_RULES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
     (r"/w_in$", ("embed", "mlp")),
     (r"/w_out$", ("mlp", "embed")),
     (r"norm/scale$", ("norm",)),
+    (r"/b_[qk]$", ("heads", None, "head_dim")),
 )
 
 

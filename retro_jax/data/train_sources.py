@@ -132,29 +132,40 @@ def task_source(config: ml_collections.ConfigDict, *,
         start_step=start_step)
     if not share:
       return batches
-    return (with_own_text(batch, share, tc.seed, step, shard)
+    return (with_own_text(batch, share, tc.seed, step, shard,
+                          int(d.get("copy_shift", 0)))
             for step, batch in enumerate(batches, start_step))
   return iterate
 
 
 def with_own_text(batch: Batch, share: float, seed: int, step: int,
-                  shard: Tuple[int, int] = (0, 1)) -> Batch:
+                  shard: Tuple[int, int] = (0, 1), max_shift: int = 0
+                  ) -> Batch:
   """`batch` with, in a `share` of its rows, neighbour 0 of every chunk u
-  replaced by the row's own tokens [u*m, u*m + r): chunk u and its
-  continuation, the text that CCA predicts from them (padded with 0 past
-  the sequence; the last chunk's neighbours reach no target). The other
-  neighbours stay those retrieved. Which rows is a function of (seed, step)
+  replaced by the row's own tokens [u*m + s, u*m + s + r): chunk u and its
+  continuation, the text that CCA predicts from them (0 outside the
+  sequence; the last chunk's neighbours reach no target). The shift s is
+  drawn per row in [-max_shift, max_shift]: with s = 0 a head that reads
+  "m tokens ahead" copies, with other shifts only one that matches content
+  does, as for a near-duplicate in a DB. The other neighbours stay those
+  retrieved. Which rows, and their shifts, are a function of (seed, step)
   over the global batch, so every host agrees."""
-  tokens, nbs = batch["tokens"], batch["neighbours"].copy()  # [b, n], [b, L, k, r]
+  tokens = batch["tokens"]  # [b, n]
+  nbs = batch["neighbours"].copy()  # [b, L, k, r]
   b, n = tokens.shape
   _, l, _, r = nbs.shape
   m = n // l
   index, count = shard
   rng = np.random.default_rng([seed, step, 0x5E1F])
   rows = (rng.random(b * count) < share)[index * b:(index + 1) * b]  # [b]
-  padded = np.pad(tokens, ((0, 0), (0, r)))  # [b, n + r]
-  own = np.stack([padded[:, u * m:u * m + r] for u in range(l)], 1)  # [b, L, r]
-  nbs[rows, :, 0] = own[rows]
+  shifts = rng.integers(-max_shift, max_shift + 1, b * count)[
+      index * b:(index + 1) * b]  # [b]
+  pad = max_shift
+  padded = np.pad(tokens, ((0, 0), (pad, r + pad)))  # [b, n + r + 2 pad]
+  for i in np.flatnonzero(rows):
+    for u in range(l):
+      start = pad + u * m + shifts[i]
+      nbs[i, u, 0] = padded[i, start:start + r]
   return dict(batch, neighbours=nbs)
 
 

@@ -156,7 +156,8 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
       h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
       out, cache = mode.cross_attention(attention.ChunkedCrossAttention(
           cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-          cfg.zero_init_cca, name="cca"), h, encoded, valid, cache)
+          cfg.zero_init_cca, cfg.cca_qk_bias, cfg.cca_copy_init, name="cca"),
+          h, encoded, valid, cache)
       x = x + out                                               # [B, T, D]
     return mlp_block(x), cache, encoded
 
@@ -184,10 +185,23 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
 
   x = attention.RMSNorm(cfg.norm_eps, name="final_norm")(x)  # [B, T, D]
   if cfg.tie_output:
-    logits = attention.dense(x, table.T)  # [B, T, V]
+    # The table's rows have unit-variance entries, so the logits are scaled
+    # by 1/sqrt(D) to the size an untied output (std 1/sqrt(D)) gives.
+    logits = attention.dense(x, table.T) * cfg.d_model ** -0.5  # [B, T, V]
   else:
     with hk.experimental.name_scope("output"):
-      w = attention.param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
-                           dtype)  # [D, V]
+      if cfg.cca_copy_init and cfg.has_retrieval:
+        # The output starts as the embedding's transpose (at the untied
+        # output's scale, std 1/sqrt(D)), so that the identity value path
+        # of copy-initialised CCA (attention.ChunkedCrossAttention) raises
+        # the logit of the neighbour token it reads; the two then train
+        # apart like any untied output.
+        first = embed.embeddings.T * cfg.d_model ** -0.5  # [D, V]
+        w = hk.get_parameter("w", [cfg.d_model, cfg.vocab_size],
+                             init=lambda shape, dt: first.astype(dt))
+        w = w.astype(dtype)
+      else:
+        w = attention.param("w", [cfg.d_model, cfg.vocab_size], cfg.d_model,
+                            dtype)  # [D, V]
     logits = attention.dense(x, w)  # [B, T, V]
   return logits.astype(jnp.float32), caches

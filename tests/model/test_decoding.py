@@ -65,9 +65,10 @@ def _check_decode_equals_forward(cfg, n):
 
 def test_decode_steps_equal_the_full_forward():
   # Runs: layers_00_01 (scanned), CCA 3 (encodes), CCA 4; chunks of 8 keep
-  # the steps few.
+  # the steps few. CCA query and key biases, a tied output.
   cfg = RetroConfig.preset("tiny", num_layers=4, cca_layers=(3, 4),
-                           scan_layers=True, chunk_size=8, neighbour_len=16)
+                           scan_layers=True, chunk_size=8, neighbour_len=16,
+                           cca_qk_bias=True, tie_output=True)
   _check_decode_equals_forward(cfg, 24)
 
 

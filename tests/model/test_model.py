@@ -206,6 +206,47 @@ def test_every_preset_builds(name):
   assert count_params(RetroConfig.preset(name)) > 0   # eval_shape: abstract.
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_copy_init_reads_a_neighbour_token_as_its_own_logit(tiny, tie):
+  """With `cca_copy_init`, CCA's value and output projections start as
+  identities (and an untied output as the embedding's transpose): at
+  initialisation, neighbours made of one token t raise t's logit above
+  every other token's wherever they are read (from the chunk's last token
+  on), which is what lets attention learn where to read from the first
+  step."""
+  cfg = tiny.replace(cca_copy_init=True, tie_output=tie)
+  model = Retro(cfg)
+  tokens = random_tokens(cfg, 3, N, seed=3)
+  t = np.array([7, 100, 300])
+  neighbours = np.broadcast_to(t[:, None, None, None], (3, N // 64, 2, 128))
+  params = jax.jit(model.init)(jax.random.key(0), tokens, neighbours)
+  for m in (m for m in params if m.endswith("/cca")):
+    v = np.asarray(params[m]["w_kv"])[:, 1].reshape(cfg.d_model, -1)
+    o = np.asarray(params[m]["w_o"]).reshape(-1, cfg.d_model)
+    np.testing.assert_array_equal(v @ o, np.eye(cfg.d_model))
+  on = np.asarray(model.apply(params, tokens, neighbours))
+  off = np.asarray(model.apply(params, tokens, None))
+  raised = np.argmax(on[:, 63:] - off[:, 63:], -1)  # [3, N - 63]
+  assert (raised == t[:, None]).mean() > 0.5  # Chance: 1 in 512.
+  # Without it the same neighbours raise no particular token.
+  plain = Retro(tiny.replace(tie_output=tie))
+  p2 = jax.jit(plain.init)(jax.random.key(0), tokens, neighbours)
+  d2 = np.asarray(plain.apply(p2, tokens, neighbours)) - np.asarray(
+      plain.apply(p2, tokens, None))
+  assert (np.argmax(d2[:, 63:], -1) == t[:, None]).mean() < 0.05
+
+
+def test_tied_output_logits_start_at_unit_scale(tiny):
+  """A tied output divides by sqrt(D): at initialisation its logits are as
+  large as an untied output's (std about 1), not sqrt(D) times larger."""
+  tokens = random_tokens(tiny, 2, N, seed=5)
+  for tie in (True, False):
+    model = Retro(tiny.replace(tie_output=tie, cca_layers=()))
+    params = jax.jit(model.init)(jax.random.key(1), tokens, None)
+    std = float(np.std(np.asarray(model.apply(params, tokens, None))))
+    assert 0.5 < std < 2.0, (tie, std)
+
+
 def test_count_params_of_params_equals_config(setup, tiny):
   _, params, _, _, _ = setup
   assert count_params(params) == count_params(tiny)
@@ -227,6 +268,7 @@ def retrieval_closed_form(c: RetroConfig) -> int:
   d, e = c.d_model, c.enc_d_model
   hk, ehk = c.num_heads * c.head_dim, c.enc_num_heads * c.enc_head_dim
   cca = d * hk + 2 * e * hk + hk * d + d        # w_q, w_kv, w_o, cca_norm
+  cca += 2 * hk if c.cca_qk_bias else 0         # b_q, b_k
   enc_layer = 4 * e * ehk + 2 * e * c.enc_d_ff + 2 * e
   cross = (e * ehk + 2 * d * ehk + ehk * e     # w_q, w_kv (from D), w_o
            + e + d)                             # cross_norm, context_norm

@@ -261,3 +261,23 @@ def test_copy_share_gives_a_share_of_rows_their_own_text_as_neighbour_0():
   np.testing.assert_array_equal(
       train_sources.with_own_text(half, 0.25, 1, 5, shard=(1, 2))[
           "neighbours"], out["neighbours"][b // 2:])
+
+
+def test_copy_shift_moves_a_rows_own_text_by_one_drawn_shift():
+  rng = np.random.default_rng(1)
+  m, l, k, r, b, most = 64, 4, 2, 128, 32, 8
+  batch = {"tokens": rng.integers(1, 500, (b, l * m), np.int32),
+           "neighbours": rng.integers(1, 500, (b, l, k, r), np.int32)}
+  out = train_sources.with_own_text(batch, 1.0, seed=2, step=0,
+                                    max_shift=most)
+  padded = np.pad(batch["tokens"], ((0, 0), (most, r + most)))
+  shifts = []
+  for i in range(b):
+    found = [s for s in range(-most, most + 1)
+             if all(np.array_equal(out["neighbours"][i, u, 0],
+                                   padded[i, most + u * m + s:
+                                          most + u * m + s + r])
+                    for u in range(l))]
+    assert len(found) == 1, i  # One shift, the same for every chunk.
+    shifts.append(found[0])
+  assert len(set(shifts)) > 5  # Drawn, not fixed.
