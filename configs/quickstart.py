@@ -41,9 +41,9 @@ def get_config():
   config.train.log_every = 25
   config.train.retrieval_lr_scale = 4.0
 
-  config.checkpoint.every = 100
-  config.checkpoint.keep = 3            # Steps 100, 200, 300: the leakage
-                                        # probe of each shows reading grow.
+  config.checkpoint.every = 100         # The 3 kept (base) are steps 100,
+                                        # 200, 300: the leakage probe of each
+                                        # shows reading grow.
 
   config.data.source = "task"           # The seqio Task (real neighbours).
   config.data.task_name = "retro_quickstart"

@@ -41,10 +41,11 @@ INTENDED = {
     "tiny.py": _SMALL_RUN | {"data.task_name", "data.max_bytes.train",
                              "data.max_bytes.validation"},
     "quickstart.py": _SMALL_RUN | {
-        "checkpoint.keep", "data.source", "data.task_name", "data.corpus",
+        "data.source", "data.task_name", "data.corpus",
         "data.max_bytes.train", "data.max_bytes.validation",
         "data.db_dir", "data.cache_dir", "db.vocab_size",
-        "db.spm_train_bytes", "db.shard_chunks"},
+        "db.spm_train_bytes", "db.shard_chunks", "data.copy_share",
+        "train.retrieval_lr_scale"},
     "retro.py": {"model", "data.source", "data.task_name", "data.corpus",
                  "mesh.data", "mesh.fsdp"},
     "bench.py": _SMALL_RUN - {"checkpoint.every"} | {
