@@ -8,8 +8,9 @@
 #                 the library's files in a stable hashed order, so that the
 #                 2 MB prefix samples every package)
 #   --workdir     where everything goes (default runs/quickstart)
-# A caller sets EXTRA_ARGS (a pattern of its own arguments, e.g.
-# "--seeds=*|--models=*") and handles them from the array REST.
+# A caller sets EXTRA_ARGS (glob patterns of its own arguments, separated
+# by spaces, e.g. "--seeds=* --models=*") and handles them from the array
+# REST.
 STEPS=300
 DATA_BYTES=2000000
 CORPUS=python_stdlib:shuffled
@@ -22,13 +23,14 @@ for arg in "$@"; do
     --corpus=*) CORPUS="${arg#*=}" ;;
     --workdir=*) W="${arg#*=}" ;;
     *)
-      # shellcheck disable=SC2254
-      case "$arg" in
-        ${EXTRA_ARGS:-__none__}) REST+=("$arg") ;;
-        *) echo "unknown argument $arg (known: --steps= --data_bytes=" \
-                "--corpus= --workdir= ${EXTRA_ARGS:+$EXTRA_ARGS})" >&2
-           exit 2 ;;
-      esac ;;
+      read -ra extra <<< "${EXTRA_ARGS:-}"   # No glob expansion.
+      for pattern in "${extra[@]+"${extra[@]}"}"; do
+        # shellcheck disable=SC2053
+        if [[ $arg == $pattern ]]; then REST+=("$arg"); continue 2; fi
+      done
+      echo "unknown argument $arg; known: --steps= --data_bytes= --corpus=" \
+           "--workdir= ${EXTRA_ARGS:-}" >&2
+      exit 2 ;;
   esac
 done
 

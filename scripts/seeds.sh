@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRA_ARGS="--seeds=*|--models=*"
+EXTRA_ARGS="--seeds=* --models=*"
 source scripts/quickstart_args.sh
 SEEDS=0,1,2
 MODELS=retro,baseline,baseline_2x,baseline_4x

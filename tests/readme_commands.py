@@ -351,9 +351,13 @@ def check_python_args(script, args):
 
 
 def case_patterns(script):
-  """Option patterns of the `case` statements of a bash script."""
+  """Option patterns of the `case` statements of a bash script and of the
+  scripts it sources (scripts/quickstart_args.sh)."""
   with open(os.path.join(REPO_ROOT, script), encoding="utf-8") as f:
     text = f.read()
+  for sourced in re.findall(r"^\s*(?:source|\.) (scripts/\S+\.sh)", text, re.M):
+    with open(os.path.join(REPO_ROOT, sourced), encoding="utf-8") as f:
+      text += f.read()
   patterns = []
   for block in re.findall(r"\bcase\b.*?\bin\b(.*?)\besac\b", text, re.S):
     for match in re.finditer(r"^\s*\(?([^()\n]+)\)", block, re.M):
