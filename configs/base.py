@@ -83,7 +83,7 @@ def get_config():
                                         # (scripts/cache_tasks.py).
   # Share of training sequences (task source) whose first neighbour of
   # every chunk is the sequence's own text: the chunk and its continuation,
-  # a leak by construction that teaches reading (docs/results.md §4).
+  # a leak by construction that teaches reading (docs/results.md §2).
   # 0 = the paper's setting: neighbours only from other documents.
   config.data.copy_share = 0.0
   # That own text is shifted by up to this many tokens either way (drawn per

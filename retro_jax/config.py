@@ -68,7 +68,7 @@ class RetroConfig:
   # CCA's value and output projections start as identities and an untied
   # output as the embedding's transpose: an attended neighbour token raises
   # its own logit from the first step, so attention learns where to read at
-  # once instead of after a long plateau (docs/results.md §4).
+  # once instead of after a long plateau (docs/results.md §2).
   cca_copy_init: bool = False
   rope_base: float = 10_000.0        # Rotary embedding base frequency.
   norm_eps: float = 1e-6             # RMSNorm epsilon.
