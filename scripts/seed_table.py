@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import sys
 from typing import Dict, Optional
 
 from absl import app
@@ -60,14 +61,19 @@ def main(argv):
   if ref not in runs:
     raise SystemExit(f"{_DIR.value}: no {ref}/seed_<s> folder (found "
                      f"{sorted(runs) or 'none'})")
-  seeds = sorted(runs[ref])
+  seeds = []
+  for s in sorted(runs[ref]):
+    if latest(runs[ref][s]) is None:
+      print(f"{runs[ref][s]}: not evaluated, left out", file=sys.stderr)
+    else:
+      seeds.append(s)
+  if not seeds:
+    raise SystemExit(f"{_DIR.value}/{ref}: no evaluated seed")
   others = [m for m in sorted(runs) if m != ref]
   rows = {}
   ref_scores = {}
   for s in seeds:
     res = latest(runs[ref][s])
-    if res is None:
-      raise SystemExit(f"{runs[ref][s]}: not evaluated")
     ref_scores[s] = (res, chunk_files.load_chunk_scores(res["chunk_scores"]))
     seq_chunks = len(ref_scores[s][1].nll_on) // res["retrieval_gain"][
         "sequences"]
