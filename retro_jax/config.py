@@ -63,7 +63,7 @@ class RetroConfig:
   zero_init_cca: bool = False
   # CCA queries and keys add learned per-head vectors before RoPE: the
   # position terms of the paper's relative attention in CCA (content x
-  # position, position only; attention.ChunkedCrossAttention).
+  # position, position only; cross_attention.ChunkedCrossAttention).
   cca_qk_bias: bool = False
   # CCA's value and output projections start as identities and an untied
   # output as the embedding's transpose: an attended neighbour token raises

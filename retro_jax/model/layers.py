@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from retro_jax.config import RetroConfig
 from retro_jax.model import attention
+from retro_jax.model import cross_attention
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -105,7 +106,7 @@ class NeighbourEncoder(hk.Module):
         if i + 1 in c.enc_cross_attention_layers:
           q = attention.RMSNorm(c.norm_eps, name="cross_norm")(x)
           kv = attention.RMSNorm(c.norm_eps, name="context_norm")(ctx)
-          y = attention.NeighbourCrossAttention(
+          y = cross_attention.NeighbourCrossAttention(
               c.enc_num_heads, c.enc_head_dim, name="cross_attention")(
                   q.reshape(b, l, nk * r, e), kv)  # [B, L, kr, E]
           x = x + y.reshape(b * l * nk, r, e)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from retro_jax.config import PAD_ID, RetroConfig, dtype_of
 from retro_jax.core import sharding
 from retro_jax.model import attention
+from retro_jax.model import cross_attention
 from retro_jax.model.layers import MLP, NeighbourEncoder, embed_neighbours
 
 # What a mode keeps for one run of layers between calls (None when it keeps
@@ -64,7 +65,7 @@ class Mode(Protocol):
     """The first CCA layer's activations the encoder is conditioned on,
     [B, >= L*m, D], from its activations x [B, T, D]."""
 
-  def cross_attention(self, cca: attention.ChunkedCrossAttention,
+  def cross_attention(self, cca: cross_attention.ChunkedCrossAttention,
                       h: jax.Array, encoded: Optional[jax.Array],
                       valid: Optional[jax.Array],
                       cache: Cache) -> Tuple[jax.Array, Cache]:
@@ -154,7 +155,7 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
         if nb is not None:
           encoded = NeighbourEncoder(cfg)(nb, valid, context)  # [B,L,k,r,E]
       h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
-      out, cache = mode.cross_attention(attention.ChunkedCrossAttention(
+      out, cache = mode.cross_attention(cross_attention.ChunkedCrossAttention(
           cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
           cfg.zero_init_cca, cfg.cca_qk_bias, cfg.cca_copy_init, name="cca"),
           h, encoded, valid, cache)
@@ -193,7 +194,7 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
       if cfg.cca_copy_init and cfg.has_retrieval:
         # The output starts as the embedding's transpose (at the untied
         # output's scale, std 1/sqrt(D)), so that the identity value path
-        # of copy-initialised CCA (attention.ChunkedCrossAttention) raises
+        # of copy-initialised CCA (cross_attention.ChunkedCrossAttention) raises
         # the logit of the neighbour token it reads; the two then train
         # apart like any untied output.
         first = embed.embeddings.T * cfg.d_model ** -0.5  # [D, V]

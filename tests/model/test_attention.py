@@ -1,12 +1,14 @@
 """Building blocks of retro_jax.model.attention: RoPE, causal blocks, the matmul
-and softmax-attention VJPs."""
+and softmax-attention VJPs; CCA's masking and copy initialisation."""
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from retro_jax.model import attention
+from retro_jax.model import cross_attention
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -94,3 +96,31 @@ def test_attend_gradients_equal_autodiff_of_plain_softmax():
   assert not np.any(np.asarray(ours[1]))  # Row 1 has no valid key.
   for a, b in zip(ours_vjp(g), ref_vjp(g)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cca_reads_nothing_from_padding_and_copy_init_reads_values_whole():
+  """CCA (cross_attention.py): neighbours that are all padding add exactly
+  zero; with copy_init and all-equal scores (w_q zero), every attending
+  position gets the plain mean of the valid encoded neighbour tokens."""
+  b, l, m, k, r, d = 1, 2, 4, 2, 8, 8
+  fn = hk.without_apply_rng(hk.transform(
+      lambda x, enc, valid: cross_attention.ChunkedCrossAttention(
+          2, 4, m, 10_000.0, copy_init=True, qk_bias=True, name="cca")(
+              x, enc, valid)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, l * m, d)), jnp.float32)
+  enc = jnp.asarray(rng.normal(size=(b, l, k, r, d)), jnp.float32)
+  valid = np.ones((b, l, k, r), bool)
+  valid[0, 1, 1, 3:] = False
+  params = fn.init(jax.random.key(0), x, enc, valid)
+  none = fn.apply(params, x, enc, np.zeros_like(valid))
+  assert np.all(np.asarray(none) == 0)
+  flat = dict(params["cca"], w_q=jnp.zeros_like(params["cca"]["w_q"]),
+              b_q=jnp.zeros_like(params["cca"]["b_q"]))
+  out = np.asarray(fn.apply({"cca": flat}, x, enc, valid))  # [B, N, D]
+  want = [np.asarray(enc[0, u])[valid[0, u]].mean(0) for u in range(l)]
+  # Chunk u's neighbours reach positions u*m + m - 1 ... u*m + 2m - 2.
+  np.testing.assert_allclose(out[0, m - 1], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[0, 2 * m - 1], want[1], rtol=1e-5,
+                             atol=1e-5)
+  assert np.all(out[0, :m - 1] == 0)
