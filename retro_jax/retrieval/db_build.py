@@ -212,7 +212,7 @@ def write_chunks(docs: Union[Iterable[Document],
   counts = dict(num_documents=0, num_chunks=0, num_tokens=0, pad_tokens=0,
                 text_bytes=0, short_documents=0)
   parts = []
-  last_id = None
+  seen_ids = set()  # Document ids written so far, every part.
   bar = tqdm.tqdm(desc="chunking", unit="doc", disable=not progress)
   for name, part_docs in docs.items():
     part = dict(name=name, source=sources.get(name),
@@ -235,12 +235,14 @@ def write_chunks(docs: Union[Iterable[Document],
         if not ids:
           skipped["empty_after_tokenization"] += 1
           continue
-        if doc.doc_id == last_id:
-          # Adjacent chunks with one id are read as one document's chunks and
-          # continuations; a repeat would join two documents.
+        if doc.doc_id in seen_ids:
+          # A document enters the DB once: adjacent chunks with one id would
+          # read as one document (joining two), and a copy in a later part
+          # (extra text that overlaps the training split) would fill a
+          # query's k neighbours with the same text twice.
           skipped["repeated_doc_id"] += 1
           continue
-        last_id = doc.doc_id
+        seen_ids.add(doc.doc_id)
         chunks = document_chunks(np.asarray(ids, np.int32),
                                  chunk_size)  # [c, m]
         writer.add(chunks, doc.doc_id)

@@ -208,6 +208,21 @@ def test_skipped_and_short_documents(spm, tmp_path):
   assert summary["num_chunks"] == 1 + -(-len(sp.encode(docs[-1].text)) // M)
 
 
+def test_a_document_in_two_parts_enters_once(spm, tmp_path):
+  # Extra text that overlaps the training split (a longer prefix of the same
+  # corpus) adds only the documents the training part lacks.
+  sp, path = spm
+  a, b, c = (Document(i, f"x{i} = {i}\n" * 30, f"doc{i}") for i in (7, 8, 9))
+  summary = db_lib.write_chunks({"train": [a, b], "extra": [a, c, b]}, sp,
+                                str(tmp_path / "db"), shard_chunks=SHARD,
+                                spm_path=path, progress=False)
+  assert summary["skipped"]["repeated_doc_id"] == 2
+  assert summary["num_documents"] == 3
+  extra = [p for p in summary["parts"] if p["name"] == "extra"][0]
+  assert extra["num_documents"] == 1
+  assert extra["num_chunks"] == -(-(len(sp.encode(c.text)) + 1) // M)
+
+
 def test_float16_embeddings(spm, bert, tmp_path):
   sp, path = spm
   out = str(tmp_path / "db")
