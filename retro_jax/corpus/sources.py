@@ -25,6 +25,8 @@ import types
 from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
                     MutableMapping, Optional, Sequence, Tuple, Union)
 
+from etils import epath
+
 from retro_jax.corpus import streams
 
 SPLITS = ("train", "validation")
@@ -174,12 +176,32 @@ def _expand(paths: Union[str, os.PathLike, Sequence]) -> list:
   files = {}  # Ordered; a file matched twice is read once.
   for pattern in map(os.fspath, patterns):
     # A file's own name may hold glob characters ("[", "*"): taken as is.
-    matched = [pattern] if os.path.isfile(pattern) else sorted(
-        p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    if "://" in pattern:                 # gs://bucket/pile/*.jsonl.zst
+      matched = _expand_url(pattern)
+    else:
+      matched = [pattern] if os.path.isfile(pattern) else sorted(
+          p for p in globlib.glob(pattern, recursive=True)
+          if os.path.isfile(p))
     if not matched:
       raise FileNotFoundError(f"no file matches {pattern!r}")
     files.update(dict.fromkeys(matched))
   return list(files)
+
+
+def _expand_url(pattern: str) -> list:
+  """Files matching a URL pattern (gs://...), through etils.epath: the
+  folder before the first glob character, globbed with the rest."""
+  if epath.Path(pattern).is_file():
+    return [pattern]
+  parts = pattern.split("/")
+  first = next((i for i, part in enumerate(parts)
+                if any(c in part for c in "*?[")), len(parts))
+  if first < 3:  # The bucket itself would be a pattern.
+    raise ValueError(f"{pattern!r}: a bucket name cannot be a glob pattern")
+  root = epath.Path("/".join(parts[:first]))
+  rest = "/".join(parts[first:])
+  return sorted(os.fspath(p) for p in root.glob(rest) if p.is_file()) if (
+      rest and root.exists()) else []
 
 
 def _names(files: Sequence[str], root: Optional[str]) -> list:

@@ -11,6 +11,8 @@ import gzip
 import zlib
 from typing import Iterable, Iterator
 
+from etils import epath
+
 _CHUNK_BYTES = 1 << 16  # Compressed bytes decompressed at a time.
 
 
@@ -20,7 +22,7 @@ def zstd_chunks(path: str) -> Iterator[bytes]:
   dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
   dobj, frames = None, 0
   try:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:   # Local, or gs://.
       while data := f.read(_CHUNK_BYTES):
         while data:  # A file may hold several frames, one after another.
           if dobj is None:
@@ -42,9 +44,9 @@ def decompressed_chunks(path: str) -> Iterator[bytes]:
   if path.endswith(".zst"):
     yield from zstd_chunks(path)
     return
-  opener = gzip.open if path.endswith(".gz") else open
   try:
-    with opener(path, "rb") as f:
+    with epath.Path(path).open("rb") as raw, (
+        gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
       while data := f.read(_CHUNK_BYTES):
         yield data
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import os
 from typing import Iterable
 
+from etils import epath
 import sentencepiece as spm
 
 from retro_jax.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -45,11 +45,12 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int,
 
 def load(model_path: str) -> spm.SentencePieceProcessor:
   """Loads a SentencePiece `.model`; names the file if it is not one."""
-  if not os.path.isfile(model_path):
+  path = epath.Path(model_path)    # Local, or gs://.
+  if not path.is_file():
     raise FileNotFoundError(f"SentencePiece model {model_path} does not exist")
   proc = spm.SentencePieceProcessor()
   try:
-    proc.Load(model_path)
+    proc.LoadFromSerializedProto(path.read_bytes())
   except (RuntimeError, OSError) as e:
     raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from e
   return proc

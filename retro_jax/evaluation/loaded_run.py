@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from etils import epath
 import haiku as hk
 import ml_collections
 
@@ -38,7 +39,7 @@ def spm_path_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   for path in (sequence_neighbours.default_spm_path(
       data.get("spm_path", "") or "", data.get("db_dir", "") or ""),
                os.path.join(workdir, db_format.SPM_MODEL)):
-    if path and os.path.exists(path):
+    if path and epath.Path(path).exists():   # Local, or gs://.
       return path
   return ""
 

@@ -26,12 +26,16 @@ import time
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple)
 
+from etils import epath
 import numpy as np
 
+from retro_jax.core import files
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db as dblib
+from retro_jax.retrieval import db_format as fmt
+from retro_jax.retrieval import db_stage
 from retro_jax.retrieval import index as indexlib
 from retro_jax.retrieval import index_shards
 
@@ -68,14 +72,17 @@ def build_spm_path(spm_path: str, db_dir: str) -> str:
   `db_dir` (<db_dir>/../spm.model), where `vocabulary` trains it when
   absent, so a rerun of the build finds it. The DB keeps a copy in
   <db_dir>/spm.model either way, which is what readers default to."""
-  return spm_path or os.path.join(os.path.dirname(os.path.abspath(db_dir)),
-                                  "spm.model")
+  if spm_path:
+    return spm_path
+  if not files.is_local(db_dir):    # gs://bucket/db -> gs://bucket/spm.model
+    return f"{db_dir.rstrip('/').rsplit('/', 1)[0]}/spm.model"
+  return os.path.join(os.path.dirname(os.path.abspath(db_dir)), "spm.model")
 
 
 def vocabulary(spm_path: str, train_docs: Callable[[], Iterable[Document]],
                vocab_size: int, train_bytes: int, log: Callable[[str], None]):
   """Loads `spm_path`, or trains it on the first `train_bytes` of text."""
-  if os.path.exists(spm_path):
+  if epath.Path(spm_path).exists():
     log(f"vocabulary: {spm_path} (existing)")
     return vocab.load(spm_path)
   texts, budget = [], train_bytes
@@ -146,6 +153,13 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
     raise ValueError(f"workers must be >= 1, got {workers}")
   summary: Dict[str, Any] = {"db_dir": db_dir, "seconds": {},
                              "corpus_files_skipped": {}}
+  # A gs:// DB is built in a local folder (memory maps, atomic renames,
+  # Beam's workers all want local files) and published when it is whole:
+  # its stages must then run on one host, whose folder a rerun resumes.
+  url = None if files.is_local(db_dir) else db_dir
+  if url:
+    db_dir = db_stage.staging_dir(url, "build")
+    log(f"building {url} in {db_dir}, published when finalized")
   skipped = summary["corpus_files_skipped"]  # Reader skips, by reason.
   first = next(iter(parts.values()), None)
   seconds = summary["seconds"]
@@ -227,6 +241,9 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
         f"{seconds['table']:.1f} s"
         + (f" on {len(table['workers'])} worker process(es)"
            if table["workers"] else ""))
+  if url and os.path.isfile(os.path.join(db_dir, fmt.MANIFEST)):
+    timed("publish", lambda: db_stage.publish(db_dir, url))
+    log(f"published {db_dir} to {url}")
   log("seconds per stage: " + ", ".join(f"{k} {v:.1f}"
                                         for k, v in seconds.items()))
   return summary
@@ -243,6 +260,7 @@ def open_for_queries(db_dir: str, embedder
                      ) -> Tuple[dblib.RetrievalDB, indexlib.Searcher]:
   """The finalized DB and its index (every shard, merged: global ids),
   checked against `embedder`."""
+  db_dir = db_stage.local_dir(db_dir)   # A gs:// DB: its staged copy.
   db = dblib.RetrievalDB.open(db_dir, embedder=embedder)
   return db, index_shards.load(os.path.join(db_dir, INDEX_DIR), db)
 
@@ -250,7 +268,7 @@ def open_for_queries(db_dir: str, embedder
 def query(db_dir: str, text: str, embedder, k: int = 5) -> List[Dict]:
   """The k DB chunks nearest to `text`: id, document id, distance, text."""
   db, searcher = open_for_queries(db_dir, embedder)
-  sp = vocab.load(os.path.join(db_dir, "spm.model"))
+  sp = vocab.load(os.path.join(db.path, "spm.model"))
   ids, dists = searcher.search(embedder.embed([text]), k)      # [1, k]
   return [{"id": int(i), "doc_id": int(db.doc_ids_of(np.array([i]))[0]),
            "distance": float(d), "text": db.chunk_text(int(i), sp)}

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from retro_jax.retrieval import db_format as fmt
+from retro_jax.retrieval import db_stage
 from retro_jax.retrieval.db_build import (CHUNK_SIZE, PAD_ID, chunk_document,
                                           embed_shard, embed_shards,
                                           embedding_plan, load_build,
@@ -215,6 +216,7 @@ class RetrievalDB:
       IncompleteDBError: not finalized, or files missing or corrupted.
       ValueError: the vocabulary or embedder differs (both values named).
     """
+    path = db_stage.local_dir(path)   # A gs:// DB: its staged copy.
     manifest = fmt.read_json(os.path.join(path, fmt.MANIFEST))
     if manifest is None:
       raise IncompleteDBError(

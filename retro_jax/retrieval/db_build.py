@@ -37,6 +37,7 @@ import time
 from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
                     Union)
 
+from etils import epath
 import numpy as np
 import tqdm
 
@@ -56,8 +57,7 @@ def spm_model_bytes(sp, spm_path: Optional[str]) -> bytes:
   bytes for a model written by corpus.vocab.train)."""
   if spm_path is None:
     return sp.serialized_model_proto()
-  with open(spm_path, "rb") as f:
-    return f.read()
+  return epath.Path(spm_path).read_bytes()  # Local or gs://.
 
 
 class _ShardWriter:

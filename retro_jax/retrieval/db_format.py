@@ -39,6 +39,7 @@ import io
 import os
 from typing import Any, Dict, List, Optional
 
+from etils import epath
 import numpy as np
 
 from retro_jax.core import files
@@ -73,7 +74,7 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:  # Local, or a gs:// vocabulary.
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()

@@ -57,6 +57,7 @@ import numpy as np
 
 from retro_jax.core import files
 from retro_jax.retrieval import db_format as fmt
+from retro_jax.retrieval import db_stage
 from retro_jax.retrieval import index_shards
 from retro_jax.retrieval import neighbours
 from retro_jax.retrieval.db import RetrievalDB, gather_rows
@@ -319,6 +320,7 @@ class NeighbourTable:
     other DB shards, or for another index than the one in `index_dir`
     (default <db_dir>/index, checked when it exists). verify: recompute
     the sha256 of the table's files (else sizes only)."""
+    db_dir = db_stage.local_dir(db_dir)   # A gs:// DB: its staged copy.
     path = os.path.join(db_dir, TABLE_DIR, TABLE_JSON)
     fix = f": rebuild it with `{REBUILD}`"
     table = fmt.read_json(path)

@@ -42,6 +42,7 @@ import numpy as np
 from retro_jax.corpus import vocab
 from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import db_format
+from retro_jax.retrieval import db_stage
 from retro_jax.retrieval import build_job
 from retro_jax.retrieval import index_shards
 from retro_jax.retrieval import neighbours as nblib
@@ -87,6 +88,7 @@ def load_retriever(db_dir: str, spm_path: str,
              str(embed_batch))
   else:  # Keyed by what the embedder computes, not by the object.
     which = ("weights", embedder.fingerprint, str(embedder.batch_size))
+  db_dir = db_stage.local_dir(db_dir)   # A gs:// DB: its staged copy.
   key = (os.path.abspath(db_dir), os.path.abspath(spm_path)) + which
   with _LOCK:
     if key not in _RESOURCES:
@@ -106,6 +108,7 @@ def load_retriever(db_dir: str, spm_path: str,
 
 def load_db(db_dir: str) -> dblib.RetrievalDB:
   """The finalized DB at `db_dir`, opened once per process."""
+  db_dir = db_stage.local_dir(db_dir)
   key = os.path.abspath(db_dir)
   with _LOCK:
     if key not in _DBS:
@@ -133,6 +136,7 @@ class TableLookup:
 
 def load_table(db_dir: str) -> TableLookup:
   """The DB's `TableLookup`, opened once per process."""
+  db_dir = db_stage.local_dir(db_dir)
   key = os.path.abspath(db_dir)
   with _LOCK:
     if key not in _TABLES:
