@@ -67,11 +67,13 @@ def _remote_files(url: str) -> List[Tuple[str, epath.Path]]:
   """(relative path, path) of every file under `url`, temporary ones left
   out (a writer's `<name>.tmp.<pid>` is not part of the DB)."""
   root = epath.Path(url)
-  out = []
-  for p in root.rglob("*"):
-    if fmt.TMP_MARK in p.name or p.is_dir():
-      continue
-    out.append((os.path.relpath(os.fspath(p), os.fspath(root)), p))
+  out, folders = [], [root]
+  while folders:   # One listing per folder (gs:// has no recursive glob).
+    for p in folders.pop().iterdir():
+      if p.is_dir():
+        folders.append(p)
+      elif fmt.TMP_MARK not in p.name:
+        out.append((os.path.relpath(os.fspath(p), os.fspath(root)), p))
   return sorted(out)
 
 
