@@ -28,11 +28,11 @@ pytestmark = pytest.mark.slow
 
 RECIPE = os.path.join(REPO_ROOT, "docs", "tpu.md")
 # The tiny preset, at a size a 2-core host trains in a minute.
-TINY = ["--config=configs/tiny.py", "--config.data.source=task",
+TINY = [f"--config={REPO_ROOT}/configs/tiny.py", "--config.data.source=task",
         "--config.model.vocab_size=512",
         "--config.db.vocab_size=512", "--config.db.spm_train_bytes=300000",
         "--config.model.num_layers=2", "--config.model.cca_layers=(2,)",
-        "--config.model.enc_num_layers=1", "--config.train.batch_size=4",
+        "--config.model.enc_num_layers=1", "--config.train.batch_size=16",
         "--config.train.seq_len=128", "--config.train.steps=4",
         "--config.train.warmup_steps=1", "--config.train.log_every=1",
         "--config.checkpoint.every=2", "--config.db.shard_chunks=512",
@@ -110,7 +110,7 @@ def test_recipe_on_a_bucket(gcs, tmp_path):
   train_args = substituted(launch, bucket, corpus)
   _run([script("scripts/train.py")] + train_args, cwd, env)
   evaluate = substituted(cmds["scripts/evaluate.py"].args, bucket, corpus)
-  evaluate = ["--config=configs/eval.py:task", "--config.eval.max_batches=2"
+  evaluate = [f"--config={REPO_ROOT}/configs/eval.py:task", "--config.eval.max_batches=2"
               ] + [a for a in evaluate if a.startswith("--workdir")]
   _run([script("scripts/evaluate.py")] + evaluate, cwd, env)
 

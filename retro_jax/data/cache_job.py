@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -194,6 +196,14 @@ def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from seqio import beam_utils  # pylint: disable=g-import-not-at-top
 
+  # A bucket with a runner on this host: Beam writes to local disk and the
+  # files are copied up through tf.io.gfile. Beam's own GCS client commits
+  # its output with batched copy and delete requests, which are slower than
+  # one copy per file here and which no local GCS stand-in serves; a
+  # DataflowRunner's workers share no disk, so they write to the bucket.
+  target = directory
+  if "://" in directory and runner != "DataflowRunner":
+    directory = tempfile.mkdtemp(prefix=f"retro_cache_{split}_")
   counts_path = os.path.join(directory, f"{split}.retro_counts.json")
   options = PipelineOptions([f"--runner={runner}"])
   with beam.Pipeline(options=options) as p:
@@ -214,6 +224,11 @@ def _run_split(task: seqio.Task, split: str, directory: str, runner: str,
              seqio.get_cached_stats_path(directory, split)))
   sequences, chunks, dropped, missing, searched = read_json(counts_path)
   gfile.remove(counts_path)
+  if directory != target:
+    for fname in sorted(gfile.listdir(directory)):
+      gfile.copy(os.path.join(directory, fname), os.path.join(target, fname),
+                 overwrite=True)
+    shutil.rmtree(directory)
   return {"sequences": sequences, "chunks": chunks, "dropped": dropped,
           "missing": missing, "searched": searched,
           "from_db": split in (spec_of(task) or {}).get("from_db", ())}
