@@ -89,6 +89,13 @@ def get_config():
   # That own text is shifted by up to this many tokens either way (drawn per
   # sequence), so that reading it takes matching content, not position.
   config.data.copy_shift = 0
+  # The global batch is read as this many equal row blocks, seqio shards of
+  # the Task; each host reads those of its rows. 0 = one per host. Set it to
+  # train (or resume) the same run on any process count that divides it.
+  config.data.num_shards = 0
+  config.data.record_rows = False       # Each host appends what it read (a
+                                        # fingerprint per row and step) to
+                                        # <workdir>/rows/process_<i>.jsonl.
 
   config.db = ml_collections.ConfigDict()
   # The DB holds the training split (data.corpus, data.split, its
@@ -127,8 +134,9 @@ def get_config():
   config.cache.runner = "FnApiRunner"   # Beam runner (in-process, offline);
                                         # DataflowRunner on Google Cloud.
   config.cache.num_files = 1            # Record files per cached split; a
-                                        # multiple of the host count lets each
-                                        # host read whole files.
+                                        # multiple of the data shards (one per
+                                        # host by default) lets each read
+                                        # whole files.
 
   # Mesh sizes; -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict()

@@ -2,7 +2,8 @@
 
 The environment variables below must be set before JAX is first imported:
 XLA reads `XLA_FLAGS` once, when its CPU backend starts, so the 8 simulated
-host devices the sharding tests need cannot be added later.
+host devices the sharding tests need cannot be added later; JAX reads
+`JAX_PLATFORMS` on import. Subprocesses inherit them.
 """
 
 import os
@@ -13,6 +14,11 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TensorFlow's CUDA chatter.
+# The tests run on CPU (8 simulated devices). With libtpu installed (the
+# `tpu` extra, for tests/training/test_aot.py), JAX would otherwise also
+# start its TPU plugin in every process, which takes /tmp/libtpu_lockfile
+# and prints five lines of warnings on a host without TPUs.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The tests run from a checkout without `pip install -e .`.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,3 +65,11 @@ def make_tokens():
 @pytest.fixture(scope="session")
 def make_neighbours():
   return random_neighbours
+
+
+@pytest.fixture(scope="session")
+def stdlib_task(tmp_path_factory):
+  """A real RETRO Task over a slice of the standard library with its
+  neighbour cache (tests/task_cache.py), built once per session."""
+  import task_cache  # pylint: disable=g-import-not-at-top
+  return task_cache.build(tmp_path_factory.mktemp("stdlib_task"))

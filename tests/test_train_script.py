@@ -1,5 +1,7 @@
 """scripts/train.py as a process: kill -9 then restart ends bit-identical to
-an uninterrupted run; SIGTERM saves and exits 0; a bad config key fails."""
+an uninterrupted run; SIGTERM saves and exits 0; a bad config key or
+process flag fails. Runs of several processes: training/test_multiprocess.py.
+"""
 
 import os
 import random
@@ -114,4 +116,17 @@ def test_unknown_config_key_fails_before_compute(tmp_path):
       "scripts/train.py: error: --config.train.stepz=3: no such config field "
       "(did you mean steps?); configs/base.py and configs/eval.py state every "
       "field"), out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_bad_process_flags_fail_before_anything_starts(tmp_path):
+  for flags, message in (
+      (["--num_processes=2", "--process_id=2",
+        "--coordinator_address=127.0.0.1:1"],
+       "--process_id=2 must be below --num_processes=2"),
+      (["--process_id=0"], "--process_id needs --num_processes too")):
+    out = _run(tmp_path / "run", *flags, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"scripts/train.py: error: {message}"), out.stderr[-2000:]
   assert not os.path.exists(tmp_path / "run")

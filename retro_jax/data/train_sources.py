@@ -6,10 +6,20 @@ resumes from, it returns an iterator of this host's numpy batches
   {"tokens": int32 [b, n], "neighbours": int32 [b, L, k, r],
    "loss_mask": int32 [b, n]}
 
-with b = global batch / number of data shards (`sharding.host_batch_shard`:
-hosts holding replicas of the same rows read the same shard). Batches are a
-pure function of (source, seed, step), so the data position saved in a
-checkpoint is the step.
+with b = global batch / number of row blocks the mesh gives the hosts
+(`sharding.host_batch_shard`: hosts holding replicas of the same rows read
+the same block). Batches are a pure function of (source, seed, step), so the
+data position saved in a checkpoint is the step.
+
+Data shards (task source): the global batch is read as S equal row blocks,
+block j from seqio shard j of S of the Task (`config.data.num_shards`; 0 =
+one per host block). A host reads the consecutive shards its rows are made
+of, so with S fixed the batches, hence the run, are the same on 1, 2, ... S
+processes (the synthetic sources are so already: each host cuts its rows
+out of the global batch).
+
+`config.data.record_rows` makes each host append what it read to
+`<workdir>/rows/process_<i>.jsonl` (`recording`), to check the sharding.
 
 Sources (`config.data.source`):
   synthetic  tokens from a fixed random bigram chain (learnable, so the loss
@@ -29,6 +39,9 @@ neighbours, r neighbour length, V vocabulary.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import ml_collections
@@ -110,10 +123,28 @@ def synthetic_source(cfg: RetroConfig, batch_size: int, seq_len: int,
   return iterate
 
 
+def shards_read(config: ml_collections.ConfigDict, shard: Tuple[int, int]
+                ) -> Tuple[range, int]:
+  """(the data shards a host reads, their number S): S equal row blocks of
+  the global batch (`config.data.num_shards`, 0 = one per host block), of
+  which the host whose rows are block `shard` = (index, count) reads the
+  consecutive ones that tile its rows."""
+  index, count = shard
+  total = int(config.data.num_shards) or count
+  if total < 0 or total % count or config.train.batch_size % total:
+    raise ValueError(
+        f"config.data.num_shards={config.data.num_shards} must divide the "
+        f"batch ({config.train.batch_size}) and be a multiple of the {count} "
+        f"row blocks the mesh gives the hosts (0: one shard per block)")
+  per = total // count
+  return range(index * per, (index + 1) * per), total
+
+
 def task_source(config: ml_collections.ConfigDict, *,
                 shard: Tuple[int, int]) -> DataSource:
   """`start_step -> iterator` over the seqio Task named by `config.data`;
-  `shard` is this host's (index, count) from `sharding.host_batch_shard`."""
+  `shard` is this host's (index, count) from `sharding.host_batch_shard`;
+  the host reads the data shards `shards_read` gives it."""
   from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
   d, tc = config.data, config.train
   for field in ("task_name", "corpus", "db_dir", "cache_dir"):
@@ -125,11 +156,16 @@ def task_source(config: ml_collections.ConfigDict, *,
   if not 0.0 <= share <= 1.0:
     raise ValueError(f"config.data.copy_share must be in [0, 1], got {share}")
 
+  mine, total = shards_read(config, shard)
+
   def iterate(start_step: int) -> Iterator[Batch]:
-    batches = tasks.batches(
+    streams = [tasks.batches(
         d.task_name, d.split, batch_size=tc.batch_size, cache_dir=d.cache_dir,
-        seed=tc.seed, shard_index=shard[0], num_shards=shard[1],
-        start_step=start_step)
+        seed=tc.seed, shard_index=j, num_shards=total, start_step=start_step)
+               for j in mine]
+    batches = streams[0] if len(streams) == 1 else (
+        {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for parts in zip(*streams))
     if not share:
       return batches
     return (with_own_text(batch, share, tc.seed, step, shard,
@@ -181,6 +217,7 @@ def make_source(config: ml_collections.ConfigDict,
   if mesh is None:
     mesh = sharding.make_mesh(dict(config.mesh))
   shard = sharding.host_batch_shard(mesh, config.train.batch_size)
+  shards_read(config, shard)   # Checked for every source.
   if source == "task":
     return task_source(config, shard=shard)
   cfg = RetroConfig.from_dict(config.model)
@@ -197,3 +234,26 @@ def data_position(config: ml_collections.ConfigDict, step: int) -> dict:
   d = config.data
   return {"step": int(step), "source": d.source, "seed": int(config.train.seed),
           "task_name": d.get("task_name", ""), "split": d.get("split", "")}
+
+
+def row_fingerprint(tokens: np.ndarray) -> str:
+  """A short id of one sequence (its tokens int32 [n])."""
+  return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()[
+      :16]
+
+
+def recording(source: DataSource, path: str) -> DataSource:
+  """`source`, also appending to the local file `path` one JSON line per
+  batch it yields: {"step": the step the batch trains (the state goes from
+  step to step + 1), "rows": `row_fingerprint` of each row}. A resumed run
+  appends again from its start step, so the last line of a step counts."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+
+  def iterate(start_step: int) -> Iterator[Batch]:
+    for step, batch in enumerate(source(start_step), start_step):
+      line = {"step": step,
+              "rows": [row_fingerprint(t) for t in batch["tokens"]]}
+      with open(path, "a", encoding="utf-8") as f:   # Whole lines, flushed:
+        f.write(json.dumps(line) + "\n")            # a kill -9 loses none.
+      yield batch
+  return iterate

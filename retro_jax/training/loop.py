@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from retro_jax.config import RetroConfig
+from retro_jax.core import files
 from retro_jax.core import sharding
 from retro_jax.data import train_sources
 from retro_jax.model import flops
@@ -185,7 +186,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tc, cc = config.train, config.checkpoint
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   step_lib.check_accumulation(tc.batch_size, tc.accum_steps, mesh)
-  _, num_shards = sharding.host_batch_shard(mesh, tc.batch_size)
+  # The data shards the global batch is read in: with their number fixed,
+  # the stream is the same on any process count (train_sources).
+  _, num_shards = train_sources.shards_read(
+      config, sharding.host_batch_shard(mesh, tc.batch_size))
 
   def position(step):   # The data position a checkpoint records.
     return dict(train_sources.data_position(config, step),
@@ -193,6 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 host_batch_size=tc.batch_size // num_shards)
   batch_abs = abstract_batch(cfg, tc.batch_size, tc.seq_len)
   source = source or train_sources.make_source(config, mesh)
+  if config.data.record_rows:
+    source = train_sources.recording(source, rows_path(workdir))
 
   model = Retro(cfg)
   schedule = step_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
@@ -298,6 +304,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logger.close()
   summary.update(step=step, state=state)
   return summary
+
+
+def rows_path(workdir: str, process: Optional[int] = None) -> str:
+  """Where a process (default: this one) records the rows it read
+  (`config.data.record_rows`); a local workdir only."""
+  process = jax.process_index() if process is None else process
+  path = run_config.workdir_path(workdir, "rows", f"process_{process}.jsonl")
+  if not files.is_local(str(path)):
+    raise ValueError(f"config.data.record_rows needs a local --workdir, "
+                     f"got {workdir}")
+  return str(path)
 
 
 def host_params(state) -> Dict[str, Dict[str, np.ndarray]]:

@@ -19,40 +19,14 @@ from retro_jax.data import batches as batches_lib
 from retro_jax.data import cache_job
 from retro_jax.data import preprocessors
 from retro_jax.data import tasks
-from retro_jax.retrieval import build_job
-from retro_jax.retrieval import db as dblib
 from retro_jax.retrieval import sequence_neighbours
-from retro_jax.retrieval.embedder import BertEmbedder
 
-MAX_BYTES = 20_000     # Per Task split; the DB holds the training split.
-SPLIT_BYTES = {"train": MAX_BYTES, "validation": MAX_BYTES}
-SEQ_LEN = 256
-K = 2
-NAME = "retro_test_stdlib"
+from task_cache import K, MAX_BYTES, NAME, SEQ_LEN, SPLIT_BYTES
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("tasks")
-  db_dir, spm_path = str(root / "db"), str(root / "spm.model")
-  embedder = BertEmbedder.load()
-  vocab.train([d.text for d in sources.python_stdlib(max_bytes=150_000)],
-              spm_path, vocab_size=512)
-  build_job.build_database(
-      db_dir, {"train": sources.text_source("python_stdlib", "train",
-                                            MAX_BYTES)},
-      spm_path, embedder, shard_chunks=100, log=lambda _: None)
-  task = tasks.register_retro_task(
-      NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
-      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
-      retrieval_batch=16)
-  cache_dir = str(root / "cache")
-  lines = []
-  summary = tasks.cache_task(NAME, cache_dir, log=lines.append)
-  return dict(root=root, db_dir=db_dir, spm_path=spm_path, task=task,
-              embedder=embedder, cache_dir=cache_dir, summary=summary,
-              lines=lines, db=dblib.RetrievalDB.open(db_dir),
-              sp=vocab.load(spm_path))
+def setup(stdlib_task):
+  return stdlib_task
 
 
 def _all(setup, split, **kw):

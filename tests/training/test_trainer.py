@@ -3,6 +3,7 @@ devices: loss falls, sharded == one device, NaN stops with a good checkpoint
 kept, SIGTERM saves, RETROfit freezes the baseline bit for bit, bad input
 fails before any compute."""
 
+import json
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from retro_jax import Retro, RetroConfig
+from retro_jax.core import sharding
 from retro_jax.data import train_sources
 from retro_jax.training import checkpoints
 from retro_jax.training import loop as loop_lib
@@ -178,6 +180,11 @@ def test_bad_input_fails_before_compute(tmp_path):
   with pytest.raises(ValueError, match=r"lacks config\.train\.log_every"):
     loop_lib.train(config, str(tmp_path / "c"))
 
+  config = tiny_config()   # 3 data shards over the 8 rows.
+  config.data.num_shards = 3
+  with pytest.raises(ValueError, match=r"config.data.num_shards=3 must"):
+    loop_lib.train(config, str(tmp_path / "e"))
+
   # A workdir holding a run of another architecture.
   config = tiny_config()
   run_config.save_run_config(str(tmp_path / "d"), config)
@@ -281,3 +288,35 @@ def test_copy_shift_moves_a_rows_own_text_by_one_drawn_shift():
     assert len(found) == 1, i  # One shift, the same for every chunk.
     shifts.append(found[0])
   assert len(set(shifts)) > 5  # Drawn, not fixed.
+
+
+def test_hosts_read_the_data_shards_that_tile_their_rows():
+  config = tiny_config()          # A batch of 8 rows.
+  read = lambda shard: train_sources.shards_read(config, shard)
+  assert read((0, 1)) == (range(0, 1), 1)       # 0: one shard per host.
+  assert read((1, 2)) == (range(1, 2), 2)
+  config.data.num_shards = 4
+  assert read((0, 1)) == (range(0, 4), 4)       # One host reads them all.
+  assert read((1, 2)) == (range(2, 4), 4)
+  for bad, shard in ((3, (0, 1)), (2, (0, 4))):
+    config.data.num_shards = bad
+    with pytest.raises(ValueError, match=f"num_shards={bad} must divide"):
+      read(shard)
+
+
+def test_recording_appends_each_batch_rows_per_step(tmp_path):
+  config = tiny_config()
+  source = train_sources.make_source(config, sharding.make_mesh(
+      {"data": -1}, jax.devices()[:1]))
+  path = loop_lib.rows_path(str(tmp_path), 0)
+  recorded = train_sources.recording(source, path)
+  got = [b["tokens"] for _, b in zip(range(2), recorded(5))]
+  again = [b["tokens"] for _, b in zip(range(1), recorded(6))]  # Resumed.
+  with open(path, encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [line["step"] for line in lines] == [5, 6, 6]
+  assert lines[0]["rows"] == [train_sources.row_fingerprint(t)
+                              for t in got[0]]
+  assert lines[1]["rows"] == lines[2]["rows"] == [
+      train_sources.row_fingerprint(t) for t in again[0]]
+  assert len(set(lines[0]["rows"])) == config.train.batch_size
