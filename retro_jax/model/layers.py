@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from retro_jax.config import RetroConfig
+from retro_jax.core import sharding
 from retro_jax.model import attention
 from retro_jax.model import cross_attention
 
@@ -94,7 +95,14 @@ class NeighbourEncoder(hk.Module):
     b, l, nk, r, e = x.shape
     ctx = context[:, :l * c.chunk_size].reshape(
         b, l, c.chunk_size, context.shape[-1])  # [B, L, m, D]
-    x = x.reshape(b * l * nk, r, e)  # [BLk, r, E]
+    # Rows split over the batch axes, as the decoder's are. Unconstrained,
+    # XLA's sharding propagation follows the embedding table (E split over
+    # `fsdp`) and gathers every row of the global batch onto each chip: an
+    # MLP activation of the whole batch per chip (the 172M model with
+    # fsdp=16: 868 MiB per encoder layer where 54 MiB would do; found by
+    # compiling for TPU ahead of time, retro_jax/training/aot.py).
+    rows = ("batch", "length", "embed")
+    x = sharding.constrain(x.reshape(b * l * nk, r, e), rows)  # [BLk, r, E]
     flat_valid = valid.reshape(b * l * nk, r)  # [BLk, r]
     for i in range(c.enc_num_layers):
       with hk.experimental.name_scope(f"layer_{i:02d}"):
@@ -112,6 +120,7 @@ class NeighbourEncoder(hk.Module):
           x = x + y.reshape(b * l * nk, r, e)
         x = x + MLP(c.enc_d_ff, name="mlp")(
             attention.RMSNorm(c.norm_eps, name="mlp_norm")(x))  # [BLk, r, E]
+        x = sharding.constrain(x, rows)
     x = attention.RMSNorm(c.norm_eps, name="final_norm")(x)
     return x.reshape(b, l, nk, r, e)  # [B, L, k, r, E]
 

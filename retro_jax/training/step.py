@@ -71,6 +71,16 @@ def make_optimizer(learning_rate: float = 1e-4, warmup_steps: int = 750,
   return optax.chain(*parts)
 
 
+def optimizer_from_config(train) -> optax.GradientTransformation:
+  """`make_optimizer` with the fields of a run config's `train` section
+  (configs/base.py), as the training loop builds it."""
+  return make_optimizer(
+      train.learning_rate, train.warmup_steps, train.total_steps,
+      train.end_lr_ratio, weight_decay=train.weight_decay, b2=train.b2,
+      clip_norm=train.clip_norm or None,
+      retrieval_lr_scale=train.get("retrieval_lr_scale", 1.0))
+
+
 def scale_retrieval_updates(scale: float) -> optax.GradientTransformation:
   """Multiplies the updates of retrieval parameters (CCA, encoder) by
   `scale`: after AdamW, the same as a `scale` times larger learning rate
