@@ -16,7 +16,6 @@ one string ("jsonl:/data/pile/*.jsonl.zst") for scripts and configs.
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import hashlib
 import json
 import os
@@ -24,8 +23,6 @@ import sysconfig
 import types
 from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
                     MutableMapping, Optional, Sequence, Tuple, Union)
-
-from etils import epath
 
 from retro_jax.corpus import streams
 
@@ -170,40 +167,6 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
 
 # --- JSON lines: plain, gzip, zstd (streams.py) --------------------------------
 
-def _expand(paths: Union[str, os.PathLike, Sequence]) -> list:
-  """Files matching `paths` (glob patterns or files), sorted per pattern."""
-  patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-  files = {}  # Ordered; a file matched twice is read once.
-  for pattern in map(os.fspath, patterns):
-    # A file's own name may hold glob characters ("[", "*"): taken as is.
-    if "://" in pattern:                 # gs://bucket/pile/*.jsonl.zst
-      matched = _expand_url(pattern)
-    else:
-      matched = [pattern] if os.path.isfile(pattern) else sorted(
-          p for p in globlib.glob(pattern, recursive=True)
-          if os.path.isfile(p))
-    if not matched:
-      raise FileNotFoundError(f"no file matches {pattern!r}")
-    files.update(dict.fromkeys(matched))
-  return list(files)
-
-
-def _expand_url(pattern: str) -> list:
-  """Files matching a URL pattern (gs://...), through etils.epath: the
-  folder before the first glob character, globbed with the rest."""
-  if epath.Path(pattern).is_file():
-    return [pattern]
-  parts = pattern.split("/")
-  first = next((i for i, part in enumerate(parts)
-                if any(c in part for c in "*?[")), len(parts))
-  if first < 3:  # The bucket itself would be a pattern.
-    raise ValueError(f"{pattern!r}: a bucket name cannot be a glob pattern")
-  root = epath.Path("/".join(parts[:first]))
-  rest = "/".join(parts[first:])
-  return sorted(os.fspath(p) for p in root.glob(rest) if p.is_file()) if (
-      rest and root.exists()) else []
-
-
 def _names(files: Sequence[str], root: Optional[str]) -> list:
   """Machine-independent names of files: relative to `root`, or basenames."""
   if root is not None:
@@ -327,7 +290,7 @@ def jsonl(paths: Union[str, os.PathLike, Sequence], text_field: str = "text",
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
   _check_split(split)
-  files = _expand(paths)
+  files = streams.expand(paths)
   return _until(max_bytes, _jsonl_documents(
       files, _names(files, root), text_field, layout, on_error, split,
       validation_percent, skipped))

@@ -1,4 +1,5 @@
-"""Streaming reads of plain, gzip and zstd files, and splitting into lines.
+"""File lists and streaming reads: glob patterns (local or gs://) to files,
+plain, gzip and zstd files read a piece at a time, and splitting into lines.
 
 Files are read a piece at a time (never whole in memory), and a truncated or
 corrupt compressed file raises a ValueError naming it instead of reading as a
@@ -7,13 +8,49 @@ shorter corpus.
 
 from __future__ import annotations
 
+import glob as globlib
 import gzip
+import os
 import zlib
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence, Union
 
 from etils import epath
 
 _CHUNK_BYTES = 1 << 16  # Compressed bytes decompressed at a time.
+
+
+def expand(paths: Union[str, os.PathLike, Sequence]) -> list:
+  """Files matching `paths` (glob patterns or files), sorted per pattern."""
+  patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  files = {}  # Ordered; a file matched twice is read once.
+  for pattern in map(os.fspath, patterns):
+    # A file's own name may hold glob characters ("[", "*"): taken as is.
+    if "://" in pattern:                 # gs://bucket/pile/*.jsonl.zst
+      matched = _expand_url(pattern)
+    else:
+      matched = [pattern] if os.path.isfile(pattern) else sorted(
+          p for p in globlib.glob(pattern, recursive=True)
+          if os.path.isfile(p))
+    if not matched:
+      raise FileNotFoundError(f"no file matches {pattern!r}")
+    files.update(dict.fromkeys(matched))
+  return list(files)
+
+
+def _expand_url(pattern: str) -> list:
+  """Files matching a URL pattern (gs://...), through etils.epath: the
+  folder before the first glob character, globbed with the rest."""
+  if epath.Path(pattern).is_file():
+    return [pattern]
+  parts = pattern.split("/")
+  first = next((i for i, part in enumerate(parts)
+                if any(c in part for c in "*?[")), len(parts))
+  if first < 3:  # The bucket itself would be a pattern.
+    raise ValueError(f"{pattern!r}: a bucket name cannot be a glob pattern")
+  root = epath.Path("/".join(parts[:first]))
+  rest = "/".join(parts[first:])
+  return sorted(os.fspath(p) for p in root.glob(rest) if p.is_file()) if (
+      rest and root.exists()) else []
 
 
 def zstd_chunks(path: str) -> Iterator[bytes]:
