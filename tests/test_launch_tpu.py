@@ -72,6 +72,9 @@ def test_launcher_trains_on_a_two_host_slice(tmp_path):
                     f"{os.path.join(REPO_ROOT, 'tests', 'gcloud_standin.py')}"
                     ' "$@"\n')
   gcloud.chmod(0o755)
+  # A worker without python3.11 would fetch it with uv (network); this host's
+  # interpreter stands for the one the image would get.
+  (bin_dir / "python3.11").symlink_to(sys.executable)
   state = tmp_path / "gcloud"
   workdir = tmp_path / "run"
   (_, zone, _), flags = _recipe_train_flags(workdir)
