@@ -230,9 +230,8 @@ def compile_train_step(config: ml_collections.ConfigDict,
                             jax.tree_util.tree_leaves(
                                 compiled.input_formats[0]))]
   n_state = len(jax.tree_util.tree_leaves(state_in))
-  plan_state = memory_plan.state_bytes(cfg, mesh, tc.trainable)
-  plan_acts = memory_plan.activation_bytes(cfg, mesh, tc.batch_size,
-                                           tc.seq_len, tc.accum_steps)
+  plan = memory_plan.estimate(cfg, mesh, tc.batch_size, tc.seq_len,
+                              tc.accum_steps, tc.trainable)
   batch_bytes = sum(math.prod(x.sharding.shard_shape(x.shape))
                     * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
                         batch_in))
@@ -243,7 +242,7 @@ def compile_train_step(config: ml_collections.ConfigDict,
       "topology": topo, "devices": len(devices),
       "device_kind": devices[0].device_kind,
       "hbm_bytes": memory_plan.TPU_GENERATIONS[gen][1],
-      "mesh": dict(mesh.shape), "num_params": plan_state["num_params"],
+      "mesh": dict(mesh.shape), "num_params": plan["num_params"],
       "lower_s": lowered_at - start, "compile_s": done - lowered_at,
       "compile_cpu_s": cpu_done - cpu_at,
       "xla_argument_bytes": mem.argument_size_in_bytes,
@@ -254,11 +253,9 @@ def compile_train_step(config: ml_collections.ConfigDict,
       "xla_total_bytes": xla_total,
       "expected_argument_bytes": sum(padded),
       "expected_state_bytes": sum(padded[:n_state]),
-      "plan_argument_bytes": (plan_state["params"] + plan_state["opt_state"]
-                              + batch_bytes),
-      "plan_temp_bytes": plan_state["grads"] + plan_acts,
-      "plan_total_bytes": (plan_state["params"] + plan_state["opt_state"]
-                           + batch_bytes + plan_state["grads"] + plan_acts),
+      "plan_argument_bytes": plan["params"] + plan["opt_state"] + batch_bytes,
+      "plan_temp_bytes": plan["grads"] + plan["acts"] + plan["gathered"],
+      "plan_total_bytes": plan["total"] + batch_bytes,
       "xla_flops": float(cost.get("flops", 0.0)) * len(devices),
       "xla_windowed_loops": windowed,
       "analytic_flops": flops.train_flops(cfg, tc.batch_size,
@@ -284,7 +281,7 @@ def format_result(r: Dict[str, Any]) -> str:
       f"{'GiB per chip':<40}{'XLA':>9}{'plan':>9}{'ratio':>7}"]
   rows = (("arguments (params, opt state, batch)", "xla_argument_bytes",
            "plan_argument_bytes"),
-          ("temporaries (grads, activations)", "xla_temp_bytes",
+          ("temporaries (grads, acts, gathered)", "xla_temp_bytes",
            "plan_temp_bytes"),
           ("outputs not aliased to arguments", None, None),
           ("generated code", "xla_code_bytes", None),

@@ -14,10 +14,18 @@ F the MLP width, heads / MLP / vocabulary split over the `model` axis):
   remat="dots": the layer input and the dense-projection outputs,
     c(2D + 4Hd + F) per token; attention is recomputed;
   remat="full": the layer input, c·D per token, plus one layer recomputed;
-  plus the neighbour encoder (one pass over b·L·k·r tokens, kept whole) and
-  the float32 logits and their gradient, 8·V bytes per token.
-XLA's buffer reuse and fusion change the truth by tens of percent either
-way: leave headroom (the table flags a plan above 85% of HBM).
+  plus the neighbour encoder (one pass over b·L·k·r tokens, kept whole),
+  every CCA layer's keys and values of the neighbours, [b, L-1, k·r, 2, H,
+  d], twice (as projected and heads-first; kept under any remat setting),
+  and the float32 logits and their gradient, 8·V bytes per token.
+Besides activations (`estimate`): with `fsdp` > 1 XLA gathers the
+vocabulary matrices (embedding and output, [V, D]) whole in the compute
+dtype, and with accumulation the summed gradient and the micro-batch's are
+both live. These three terms were missing until compiling the step for TPU
+ahead of time (`training/aot.py`, scripts/train_compile.py) showed them in
+XLA's buffer assignment. XLA's buffer reuse and fusion still change the
+truth by tens of percent either way: leave headroom (the table flags a
+plan above 85% of HBM), or compile the step for the slice.
 """
 
 from __future__ import annotations
@@ -131,6 +139,8 @@ def activation_bytes(cfg: RetroConfig, mesh, batch_size: int, seq_len: int,
   else:
     kept = n_plain * layer + n_cca * (layer + cca_extra)
   if n_cca:
+    kv = b * (l - 1) * k * r * 2 * hd * c                    # [b,L-1,kr,2,Hd]
+    kept += n_cca * 2 * kv
     e = cfg.enc_d_model
     ehd = cfg.enc_num_heads * cfg.enc_head_dim / mp
     enc_tokens = b * l * k * r
@@ -141,6 +151,38 @@ def activation_bytes(cfg: RetroConfig, mesh, batch_size: int, seq_len: int,
   return float(kept)
 
 
+def gathered_bytes(cfg: RetroConfig, mesh) -> float:
+  """The vocabulary matrices ([V, D] embedding, [D, V] output; one when
+  tied) that XLA all-gathers whole, in the compute dtype, when `fsdp`
+  splits their D (seen as bf16[128000, 896] and bf16[896, 128000] buffers
+  of the 172M model with fsdp=16)."""
+  fsdp, mp = mesh.shape["fsdp"], mesh.shape["model"]
+  if fsdp == 1 or cfg.d_model % fsdp:
+    return 0.0
+  vocab = cfg.vocab_size / (mp if cfg.vocab_size % mp == 0 else 1)
+  copies = 1 if cfg.tie_output else 2
+  return float(copies * vocab * cfg.d_model
+               * jnp.dtype(cfg.compute_dtype).itemsize)
+
+
+def estimate(cfg: RetroConfig, mesh, batch_size: int, seq_len: int,
+             accum_steps: int = 1, trainable: str = "all"
+             ) -> Dict[str, float]:
+  """Bytes per device by kind (`mesh` real or abstract): the exact state,
+  gradients (twice with accumulation: the running sum and the micro-batch's),
+  the activation estimate, the gathered vocabulary matrices, and `total`."""
+  state = state_bytes(cfg, mesh, trainable)
+  out = {"num_params": state["num_params"], "params": state["params"],
+         "opt_state": state["opt_state"],
+         "grads": state["grads"] * (2 if accum_steps > 1 else 1),
+         "acts": activation_bytes(cfg, mesh, batch_size, seq_len,
+                                  accum_steps),
+         "gathered": gathered_bytes(cfg, mesh)}
+  out["total"] = sum(out[k] for k in ("params", "opt_state", "grads", "acts",
+                                      "gathered"))
+  return out
+
+
 def plan(cfg: RetroConfig, slice_name: str, mesh_axes: Mapping[str, int],
          batch_size: int, seq_len: int, accum_steps: int = 1
          ) -> Dict[str, object]:
@@ -149,29 +191,30 @@ def plan(cfg: RetroConfig, slice_name: str, mesh_axes: Mapping[str, int],
   devices, hbm = parse_slice(slice_name)
   mesh = abstract_mesh(mesh_axes, devices)
   sharding.check_batch_divides(batch_size // accum_steps, mesh)
-  state = state_bytes(cfg, mesh)
-  acts = activation_bytes(cfg, mesh, batch_size, seq_len, accum_steps)
-  total = state["params"] + state["opt_state"] + state["grads"] + acts
+  est = estimate(cfg, mesh, batch_size, seq_len, accum_steps)
   return {"slice": slice_name, "devices": devices,
           "mesh": "x".join(str(mesh.shape[a]) for a in sharding.MESH_AXES),
-          "num_params": state["num_params"],
-          "params_gib": state["params"] / GIB,
-          "opt_gib": state["opt_state"] / GIB,
-          "grads_gib": state["grads"] / GIB,
-          "acts_gib": acts / GIB, "total_gib": total / GIB,
-          "hbm_gib": hbm / GIB, "fits": total <= HEADROOM * hbm}
+          "num_params": est["num_params"],
+          "params_gib": est["params"] / GIB,
+          "opt_gib": est["opt_state"] / GIB,
+          "grads_gib": est["grads"] / GIB,
+          "acts_gib": est["acts"] / GIB,
+          "gathered_gib": est["gathered"] / GIB,
+          "total_gib": est["total"] / GIB,
+          "hbm_gib": hbm / GIB, "fits": est["total"] <= HEADROOM * hbm}
 
 
 def format_table(rows) -> str:
   """A Markdown table of `plan` rows (with a `preset` key added)."""
   head = ("| preset | slice | mesh d×f×m | params | params GiB | opt GiB | "
-          "grads GiB | acts GiB (est.) | total GiB | HBM GiB | fits |")
-  lines = [head, "|" + "---|" * 11]
+          "grads GiB | acts GiB (est.) | gathered GiB | total GiB | HBM GiB "
+          "| fits |")
+  lines = [head, "|" + "---|" * 12]
   for r in rows:
     lines.append(
         f"| {r['preset']} | {r['slice']} | {r['mesh']} | "
         f"{r['num_params'] / 1e6:,.0f}M | {r['params_gib']:.2f} | "
         f"{r['opt_gib']:.2f} | {r['grads_gib']:.2f} | {r['acts_gib']:.2f} | "
-        f"{r['total_gib']:.2f} | {r['hbm_gib']:.0f} | "
-        f"{'yes' if r['fits'] else 'no'} |")
+        f"{r['gathered_gib']:.2f} | {r['total_gib']:.2f} | "
+        f"{r['hbm_gib']:.0f} | {'yes' if r['fits'] else 'no'} |")
   return "\n".join(lines)

@@ -85,6 +85,32 @@ def test_activation_estimate_scales():
   assert f32 > acts["none"]
 
 
+def test_estimate_adds_gathered_vocabulary_and_accumulated_grads():
+  """Terms XLA's buffer assignment showed once the step was compiled for
+  TPU (retro_jax/training/aot.py): the [V, D] matrices gathered whole under
+  fsdp, and two gradients when accumulating."""
+  cfg = RetroConfig.preset("172m", compute_dtype="bfloat16")
+  fsdp = memory_plan.abstract_mesh({"fsdp": -1}, 16)
+  data = memory_plan.abstract_mesh({"data": -1}, 16)
+  assert memory_plan.gathered_bytes(cfg, fsdp) == 2 * 128_000 * 896 * 2
+  assert memory_plan.gathered_bytes(cfg.replace(tie_output=True), fsdp) == (
+      128_000 * 896 * 2)
+  assert memory_plan.gathered_bytes(cfg, data) == 0    # Nothing split.
+  one = memory_plan.estimate(cfg, fsdp, 256, 2048)
+  accum = memory_plan.estimate(cfg, fsdp, 256, 2048, accum_steps=8)
+  state = memory_plan.state_bytes(cfg, fsdp)
+  assert one["grads"] == state["grads"] and accum["grads"] == 2 * one["grads"]
+  assert one["total"] == pytest.approx(
+      sum(one[k] for k in ("params", "opt_state", "grads", "acts",
+                           "gathered")))
+  # Every CCA layer keeps its neighbours' keys and values, twice.
+  base = memory_plan.activation_bytes(cfg.replace(cca_layers=(6, 9)), fsdp,
+                                      256, 2048)
+  more = memory_plan.activation_bytes(cfg, fsdp, 256, 2048)
+  kv = 1 * 31 * 2 * 128 * 2 * 16 * 64 * 2                # b=1 per device.
+  assert more - base > 2 * kv
+
+
 def test_script_prints_table():   # ~15 s: one interpreter, eval_shape only.
   env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
   env.pop("XLA_FLAGS", None)
