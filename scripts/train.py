@@ -28,6 +28,7 @@ See retro_jax/training/loop.py for the loop and configs/base.py for every
 field.
 """
 
+import glob
 import os
 import sys
 import traceback
@@ -92,11 +93,26 @@ def process_flags_error() -> str:
   return ""
 
 
+# Google's PCI vendor id, and the device ids of its TPU chips (v3 to TPU7x).
+# A GCE VM's virtual NIC also has Google's vendor id, and a CI runner may have
+# /dev/vfio or TPU_* variables for other reasons, so only the chip ids count.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f",
+                    "0x0076"}
+
+
 def on_tpu_vm() -> bool:
-  """A Cloud TPU VM (its accelerator devices or environment are present)."""
-  return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
-          or "TPU_ACCELERATOR_TYPE" in os.environ
-          or "TPU_WORKER_HOSTNAMES" in os.environ)
+  """A Cloud TPU VM: a TPU chip is attached through PCI."""
+  for vendor_path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    folder = os.path.dirname(vendor_path)
+    try:
+      with open(vendor_path) as v, open(os.path.join(folder, "device")) as d:
+        if (v.read().strip() == _GOOGLE_PCI_VENDOR
+            and d.read().strip() in _TPU_PCI_DEVICES):
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def start_distributed(jax) -> None:
