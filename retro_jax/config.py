@@ -70,6 +70,10 @@ class RetroConfig:
   # its own logit from the first step, so attention learns where to read at
   # once instead of after a long plateau (docs/results.md §2).
   cca_copy_init: bool = False
+  # Neighbours shifted onto their query chunk where their tokens match it
+  # best, and dropped below this many matching tokens
+  # (model/neighbour_alignment.py). 0 = the paper's layout, as retrieved.
+  neighbour_alignment: int = 0
   rope_base: float = 10_000.0        # Rotary embedding base frequency.
   norm_eps: float = 1e-6             # RMSNorm epsilon.
   compute_dtype: str = "float32"     # Activations/matmuls: float32 | bfloat16;
@@ -105,6 +109,9 @@ class RetroConfig:
              for l in self.enc_cross_attention_layers),
          "enc_cross_attention_layers",
          f"layers are 1-indexed and must lie in [1, {self.enc_num_layers}]")
+    need(isinstance(self.neighbour_alignment, int)
+         and 0 <= self.neighbour_alignment <= self.chunk_size,
+         "neighbour_alignment", f"an integer in [0, {self.chunk_size}]")
     need(self.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
     need(self.remat in ("none", "full", "dots"), "remat",
          "one of none, full, dots")

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax.model import neighbour_alignment
 from retro_jax.model.decoding import Decoder
 from retro_jax.model.network import Retro
 
@@ -172,6 +173,9 @@ class Sampler:
       if nb.shape != (b, c.num_neighbours, c.neighbour_len):
         raise ValueError(f"retrieve returned {nb.shape}, expected "
                          f"{(b, c.num_neighbours, c.neighbour_len)}")
+      if c.neighbour_alignment:  # Kept as the model reads them.
+        nb = np.asarray(neighbour_alignment.align_chunk(
+            tokens[:, pos + 1 - m:pos + 1], nb, c.neighbour_alignment))
       neighbours.append(nb)
       return nb
 

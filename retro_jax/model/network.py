@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.config import RetroConfig
+from retro_jax.model import neighbour_alignment
 from retro_jax.model import stack
 
 
@@ -65,6 +66,9 @@ def _forward(cfg: RetroConfig, tokens: jax.Array,
              neighbours: Optional[jax.Array],
              retrieve_for_last_position: bool = True) -> jax.Array:
   """Logits [B, N, V] (float32) of tokens [B, N] given neighbours [B, L, k, r]."""
+  if neighbours is not None and cfg.neighbour_alignment:
+    neighbours = neighbour_alignment.align(tokens, neighbours, cfg.chunk_size,
+                                           cfg.neighbour_alignment)
   mode = WholeSequence(cfg, neighbours, retrieve_for_last_position)
   return stack.decoder_logits(cfg, tokens, mode)[0]
 
