@@ -31,9 +31,7 @@ Inspect what the DB returns for a text:
 
 import json
 import resource
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -53,12 +51,6 @@ _QUERY = flags.DEFINE_string("query", "", "Print the DB chunks nearest to "
 _K = flags.DEFINE_integer("k", 5, "Neighbours printed by --query.")
 
 
-def _fail(message: str) -> None:
-  """A bad setting: one line on stderr, exit status 2 (as core.cli does)."""
-  print(f"{sys.argv[0]}: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:    # Progress goes to stdout; -v 0
@@ -72,10 +64,11 @@ def main(argv):
   config = _CONFIG.value
   data, db = config.data, config.db
   if not data.db_dir:
-    _fail("config.data.db_dir is empty: set it (e.g. "
-          "--config.data.db_dir=runs/db)")
+    cli.fail("config.data.db_dir is empty: set it (e.g. "
+             "--config.data.db_dir=runs/db)", status=2)
   if db.workers < 1:
-    _fail(f"--config.db.workers={db.workers}: Beam workers must be >= 1")
+    cli.fail(f"--config.db.workers={db.workers}: Beam workers must be >= 1",
+             status=2)
   if _QUERY.value:
     embedder = BertEmbedder.load(db.embedder or None,
                                  batch_size=db.embed_batch)
@@ -102,4 +95,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # Bad input (a corpus line, a file): one line, status 1.

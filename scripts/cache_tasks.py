@@ -22,20 +22,25 @@ the same config.
 
 Prints a progress bar per split and a summary: sequences, chunks, neighbours
 dropped by the same-document filter, chunks searched again because their
-table row ran short, chunks left short of k neighbours, seconds.
+table row ran short, chunks left short of k neighbours, seconds. Bad input
+(a corpus line, a missing DB) ends it with one line on stderr; -v 1 shows
+the traceback and Beam's own log lines.
 """
 
 import json
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from retro_jax.core import cli
+
+cli.quiet_libraries()  # Before TensorFlow loads (retro_jax.data).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from retro_jax.core import host_memory
 from retro_jax.data import tasks
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file (configs/*.py).", lock_config=True)
@@ -50,20 +55,16 @@ def main(argv):
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   config = _CONFIG.value
   if not (config.data.db_dir and config.data.cache_dir):
-    raise app.UsageError("config.data.db_dir and config.data.cache_dir "
-                         "must both be set")
-  try:
-    task = tasks.register_from_config(config)
-    summary = tasks.cache_task(task.name, config.data.cache_dir,
-                               runner=config.cache.runner,
-                               overwrite=_OVERWRITE.value,
-                               num_files=config.cache.num_files)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    cli.fail("config.data.db_dir and config.data.cache_dir must both be set",
+             status=2)
+  task = tasks.register_from_config(config)
+  summary = tasks.cache_task(task.name, config.data.cache_dir,
+                             runner=config.cache.runner,
+                             overwrite=_OVERWRITE.value,
+                             num_files=config.cache.num_files)
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # Bad input (a corpus line, a file): one line, status 1.

@@ -12,15 +12,19 @@ continuation), with the documents of the sequence.
 
 import itertools
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from retro_jax.core import cli
+
+cli.quiet_tensorflow()  # Before TensorFlow loads (retro_jax.data).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from retro_jax.config import CHUNK_SIZE, PAD_ID
 from retro_jax.corpus import vocab
 from retro_jax.data import tasks
 from retro_jax.retrieval import sequence_neighbours
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file (configs/*.py).", lock_config=True)
@@ -46,8 +50,7 @@ def main(argv):
                      with_doc_ids=True)
   example = next(itertools.islice(it, _INDEX.value, None), None)
   if example is None or not example["loss_mask"].any():
-    raise SystemExit(f"{task.name}:{_SPLIT.value} has no example "
-                     f"{_INDEX.value}")
+    cli.fail(f"{task.name}:{_SPLIT.value} has no example {_INDEX.value}")
   example = {k: v[0] for k, v in example.items()}
   docs = list(dict.fromkeys(example["doc_ids"].tolist()))
   print(f"{task.name}:{_SPLIT.value} example {_INDEX.value}: "
@@ -74,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # Bad input (a cache, a DB): one line, status 1.

@@ -10,10 +10,10 @@ Model settings (bf16 compute, remat) and the default mesh and batch come
 from the config file for each size (configs/retro.py:<size>).
 """
 
-from absl import app
 from absl import flags
 
 from retro_jax.config import RetroConfig
+from retro_jax.core import cli
 from retro_jax.training import memory_plan
 from retro_jax.training import run_config
 
@@ -33,7 +33,11 @@ def parse_mesh(text):
   axes = {}
   for part in filter(None, text.split(",")):
     name, _, value = part.partition("=")
-    axes[name.strip()] = int(value)
+    try:
+      axes[name.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh={text}: {part!r} is not axis=size, e.g. "
+                       "data=2,fsdp=-1,model=1") from None
   return axes
 
 
@@ -55,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # A bad --mesh, --config or slice: one line, status 1.

@@ -9,11 +9,10 @@ token is known and condition every later token (see
 retro_jax/inference/sampling.py).
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
+
+from retro_jax.core import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (scripts/train.py).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default latest.")
@@ -35,22 +34,18 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}", status=2)
   if not flags.FLAGS["verbosity"].present:    # Results go to stdout; -v 0
     logging.set_verbosity(logging.WARNING)   # shows orbax's INFO logs.
   from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   import retro_jax  # pylint: disable=g-import-not-at-top
-  try:
-    run = retro_jax.load(_WORKDIR.value, _STEP.value, db_dir=_DB.value or None)
-    out = run.generate(_PROMPT.value or "\n", _NUM.value,
-                       retrieval=not _NO_RETRIEVAL.value, k=_K.value or None,
-                       temperature=_TEMP.value, top_k=_TOP_K.value,
-                       top_p=_TOP_P.value, seed=_SEED.value,
-                       use_cache=not _NO_CACHE.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  run = retro_jax.load(_WORKDIR.value, _STEP.value, db_dir=_DB.value or None)
+  out = run.generate(_PROMPT.value or "\n", _NUM.value,
+                     retrieval=not _NO_RETRIEVAL.value, k=_K.value or None,
+                     temperature=_TEMP.value, top_k=_TOP_K.value,
+                     top_p=_TOP_P.value, seed=_SEED.value,
+                     use_cache=not _NO_CACHE.value)
   print(f"--- prompt ---\n{out.prompt}\n--- generated ({_NUM.value} tokens, "
         f"{out.seconds:.2f} s, {_NUM.value / out.seconds:.1f} tokens/s) ---")
   print(out.text)
@@ -62,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # A bad workdir or DB: one line, status 1.

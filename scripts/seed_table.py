@@ -19,10 +19,10 @@ import re
 import sys
 from typing import Dict, Optional
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from retro_jax.core import cli
 from retro_jax.evaluation import chunk_files
 from retro_jax.evaluation import intervals
 
@@ -42,8 +42,16 @@ def latest(workdir: str, probe: str = "") -> Optional[Dict]:
       found[int(m.group(1))] = path
   if not found:
     return None
-  with open(found[max(found)]) as f:
-    return json.load(f)["sets"]["task"]
+  path = found[max(found)]
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)["sets"]["task"]
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column "
+                     f"{e.colno})") from None
+  except (KeyError, TypeError):
+    raise ValueError(f"{path}: no Task set (sets.task): evaluate the run "
+                     "with --config=configs/eval.py:task") from None
 
 
 def gain_cell(g: Dict) -> str:
@@ -59,8 +67,8 @@ def main(argv):
     runs.setdefault(model, {})[seed] = path
   ref = _REFERENCE.value
   if ref not in runs:
-    raise SystemExit(f"{_DIR.value}: no {ref}/seed_<s> folder (found "
-                     f"{sorted(runs) or 'none'})")
+    cli.fail(f"{_DIR.value}: no {ref}/seed_<s> folder (found "
+             f"{sorted(runs) or 'none'})")
   seeds = []
   for s in sorted(runs[ref]):
     if latest(runs[ref][s]) is None:
@@ -68,7 +76,7 @@ def main(argv):
     else:
       seeds.append(s)
   if not seeds:
-    raise SystemExit(f"{_DIR.value}/{ref}: no evaluated seed")
+    cli.fail(f"{_DIR.value}/{ref}: no evaluated seed")
   others = [m for m in sorted(runs) if m != ref]
   rows = {}
   ref_scores = {}
@@ -101,8 +109,8 @@ def main(argv):
           f"{o['retrieval_on']['bits_per_byte']:.4f}")
       oc = chunk_files.load_chunk_scores(o["chunk_scores"])
       if oc.nll_on.shape != ref_scores[s][1].nll_on.shape:
-        raise SystemExit(f"{runs[other][s]} and {runs[ref][s]} were "
-                         f"evaluated on different chunks: no pairing")
+        cli.fail(f"{runs[other][s]} and {runs[ref][s]} were evaluated on "
+                 f"different chunks: no pairing")
       rows.setdefault(f"{ref} saves over {other}", {})[s] = gain_cell(
           intervals.paired_gain(oc.nll_on, ref_scores[s][1].nll_on,
                                 oc.bytes, seq_chunks))
@@ -118,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # A broken eval JSON or chunk file: one line, status 1.

@@ -131,15 +131,15 @@ def start_distributed(jax) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}", status=2)
   if problem := process_flags_error():   # Before anything starts.
-    print(f"{argv[0]}: error: {problem}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(problem, status=2)
   if not flags.FLAGS["verbosity"].present:   # Progress lines go to stdout;
     logging.set_verbosity(logging.WARNING)  # -v 0 shows orbax/clu INFO logs.
   from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_hugepage_heap()  # Once; a no-op where unsupported.
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
+  cli.quiet_tensorflow()  # Before the data pipeline imports TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
   start_distributed(jax)
   from retro_jax.data import cache_job  # pylint: disable=g-import-not-at-top
@@ -147,9 +147,12 @@ def main(argv):
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value)
   except BaseException as e:  # pylint: disable=broad-except
-    if isinstance(e, (ValueError, FileNotFoundError, loop.NonFiniteLossError,
-                      cache_job.IncompleteCacheError)):
-      print(f"error: {e}", file=sys.stderr, flush=True)
+    # Bad input (a config value, a cache, a corpus) or a diverged run: one
+    # line, unless -v asked for the traceback.
+    line = cli.error_line(e, (loop.NonFiniteLossError,
+                              cache_job.IncompleteCacheError))
+    if line is not None and not cli.verbose():
+      print(f"{argv[0]}: error: {line}", file=sys.stderr, flush=True)
     elif jax.process_count() == 1:
       raise
     else:

@@ -15,9 +15,7 @@ See retro_jax/training/aot.py.
 """
 
 import json
-import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -33,14 +31,10 @@ flags.mark_flag_as_required("topology")
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}", status=2)
   from retro_jax.training import aot  # pylint: disable=g-import-not-at-top
   aot.prepare_host()
-  try:
-    result = aot.compile_train_step(_CONFIG.value, _TOPOLOGY.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  result = aot.compile_train_step(_CONFIG.value, _TOPOLOGY.value)
   print(aot.format_result(result), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
@@ -48,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # A topology or setting it cannot take: one line, status 1.

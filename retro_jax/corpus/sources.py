@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sysconfig
 import types
 from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping,
                     MutableMapping, Optional, Sequence, Tuple, Union)
 
+from retro_jax.corpus import errors
+from retro_jax.corpus import json_lines
 from retro_jax.corpus import streams
 
 SPLITS = ("train", "validation")
@@ -89,22 +90,43 @@ def _until(max_bytes: Optional[int], docs: Iterable[Document]
       return
 
 
+@dataclasses.dataclass
+class _FolderTally:
+  """What a folder reader saw, so that a folder that yields nothing can say
+  why: files not read (by their name) and files read but skipped."""
+  matched: int = 0            # Files whose names the reader takes.
+  passed_over: int = 0        # Files it does not (other suffixes, hidden).
+  example: Optional[str] = None  # The first of those, relative to the root.
+  documents: int = 0
+  skipped: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 def _file_paths(root: str, keep_dir: Callable[[str], bool],
-                keep_name: Callable[[str], bool]) -> Iterator[Tuple[str, str]]:
+                keep_name: Callable[[str], bool],
+                tally: Optional[_FolderTally] = None
+                ) -> Iterator[Tuple[str, str]]:
   """(path, path relative to `root`) of every kept file, in sorted order."""
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if keep_dir(d))
     for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
       if keep_name(name):
-        path = os.path.join(dirpath, name)
+        if tally is not None:
+          tally.matched += 1
         yield path, os.path.relpath(path, root).replace(os.sep, "/")
+      elif tally is not None:
+        tally.passed_over += 1
+        if tally.example is None:
+          tally.example = os.path.relpath(path, root).replace(os.sep, "/")
 
 
 def _file_documents(root: str, keep_dir: Callable[[str], bool],
                     keep_name: Callable[[str], bool], prefix: str,
                     split: Optional[str], validation_percent: int,
                     skipped: Optional[MutableMapping[str, int]],
-                    order: str = "path") -> Iterator[Document]:
+                    order: str = "path",
+                    tally: Optional[_FolderTally] = None
+                    ) -> Iterator[Document]:
   """One document per kept file under `root`; the source is `prefix` + the
   relative path, the split is by relative path.
 
@@ -113,7 +135,8 @@ def _file_documents(root: str, keep_dir: Callable[[str], bool],
   """
   if order not in ORDERS:
     raise ValueError(f"unknown file order {order!r}; orders are {ORDERS}")
-  paths = _file_paths(root, keep_dir, keep_name)
+  tally = tally or _FolderTally()
+  paths = _file_paths(root, keep_dir, keep_name, tally)
   if order == "shuffled":
     paths = sorted(paths, key=lambda p: hashlib.sha256(p[1].encode()).digest())
   for path, rel in paths:
@@ -123,14 +146,16 @@ def _file_documents(root: str, keep_dir: Callable[[str], bool],
       with open(path, encoding="utf-8") as f:
         text = f.read()
     except UnicodeDecodeError:
-      _count(skipped, "invalid_utf8")
-      continue
+      reason = "invalid_utf8"
     except OSError:
-      _count(skipped, "unreadable")
+      reason = "unreadable"
+    else:
+      reason = "" if text.strip() else "empty"
+    if reason:
+      _count(skipped, reason)
+      _count(tally.skipped, reason)
       continue
-    if not text.strip():
-      _count(skipped, "empty")
-      continue
+    tally.documents += 1
     yield Document(stable_id(prefix + rel), text, prefix + rel)
 
 
@@ -158,7 +183,8 @@ def python_stdlib(split: Optional[str] = None, root: Optional[str] = None,
   _check_split(split)
   root = root or stdlib_root()
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"standard library folder {root} does not exist")
+    raise errors.NoCorpusFiles(root, "the standard library folder does not "
+                               "exist")
   yield from _until(max_bytes, _file_documents(
       root, lambda d: d not in _NOT_STDLIB,
       lambda name: name.endswith(".py"), "stdlib:", split, validation_percent,
@@ -182,77 +208,40 @@ def _names(files: Sequence[str], root: Optional[str]) -> list:
   return names
 
 
-class _BadLine(Exception):
-  """A line that is no document: args are (reason, detail)."""
-
-
-def _scalars(fields: Mapping[str, Any], exclude=()) -> Dict[str, str]:
-  return {str(k): v if isinstance(v, str) else json.dumps(v)
-          for k, v in fields.items()
-          if k not in exclude and isinstance(v, (str, int, float, bool))}
-
-
-def _parse(line: bytes, text_field: str, layout: str
-           ) -> Tuple[str, Dict[str, str]]:
-  """(text, meta) of a line, or _BadLine naming what is wrong."""
-  try:
-    obj = json.loads(line.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise _BadLine("invalid_utf8", f"invalid UTF-8 ({e.reason} at byte "
-                   f"{e.start})") from None
-  except json.JSONDecodeError as e:
-    raise _BadLine("malformed_json", f"malformed JSON ({e.msg} at column "
-                   f"{e.colno})") from None
-  if not isinstance(obj, dict) or text_field not in obj:
-    raise _BadLine("missing_text", f"no {text_field!r} field")
-  text = obj[text_field]
-  if not isinstance(text, str):
-    raise _BadLine("text_not_string", f"{text_field!r} is a "
-                   f"{type(text).__name__}, not a string")
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError:  # An escaped lone surrogate such as "\\udce9".
-    raise _BadLine("invalid_utf8", "text holds a lone surrogate") from None
-  if layout == "plain":
-    return text, {}
-  if layout == "c4":
-    c4 = {k: obj[k] for k in ("url", "timestamp") if k in obj}
-    return text, _scalars(c4)
-  nested = obj.get("meta")
-  nested = _scalars(nested) if isinstance(nested, dict) else {}
-  if layout == "pile":
-    return text, nested
-  return text, {**_scalars(obj, exclude=(text_field,)), **nested}
-
-
 def _jsonl_documents(files: Sequence[str], names: Sequence[str],
                      text_field: str, layout: str, on_error: str,
                      split: Optional[str], validation_percent: int,
                      skipped: Optional[MutableMapping[str, int]]
                      ) -> Iterator[Document]:
   for path, name in zip(files, names):
-    lines = streams.lines(streams.decompressed_chunks(path))
-    for number, line in enumerate(lines, 1):
+    empty = True  # No line holds anything but whitespace, in any split.
+    for number, line in json_lines.numbered_lines(path):
+      blank = not line or line.isspace()  # isspace: no copy of a long line.
+      empty = empty and blank
       source = f"{name}:{number}"
       # Filtering first keeps a small split cheap; a bad line is then reported
       # by the split that owns it.
       if split is not None and split_of(source, validation_percent) != split:
         continue
-      if not line.strip():
+      if blank:
         _count(skipped, "blank_line")
         continue
       try:
-        text, meta = _parse(line, text_field, layout)
-      except _BadLine as e:
-        reason, detail = e.args
+        text, meta = json_lines.parse(line, text_field, layout)
+      except json_lines.BadLine as e:
+        reason, cause = e.args
         if on_error == "raise":
-          raise ValueError(f"{path}, line {number}: {detail}") from None
+          raise errors.CorpusError(path, cause, number) from None
         _count(skipped, reason)
         continue
       if not text.strip():
         _count(skipped, "empty")
         continue
       yield Document(stable_id(source), text, source, meta)
+    if empty:  # A cut download, or the wrong file: never a silent no-op.
+      if on_error == "raise":
+        raise errors.CorpusError(path, "empty file (no documents)")
+      _count(skipped, "empty_file")
 
 
 def jsonl(paths: Union[str, os.PathLike, Sequence], text_field: str = "text",
@@ -266,11 +255,15 @@ def jsonl(paths: Union[str, os.PathLike, Sequence], text_field: str = "text",
   `.zst` files are zstd (the Pile), `.gz` gzip (C4), others plain. A
   document's source is "name:line" (1-based), its id `stable_id(source)`;
   name is the path relative to `root`, else the basename (two files with one
-  basename raise). Bad lines raise ValueError naming file and line, or with
-  on_error="skip" are counted by reason: "malformed_json", "invalid_utf8"
-  (also an escaped lone surrogate), "missing_text", "text_not_string". Empty
-  texts and blank lines are always skipped ("empty", "blank_line"). A cut or
-  corrupt compressed file always raises ValueError naming it.
+  basename raise). Bad lines raise a `CorpusError` (a ValueError) naming file
+  and line ("a.jsonl:3: not valid JSON (...)"), or with on_error="skip" are
+  counted by reason: "malformed_json", "invalid_utf8" (also an escaped lone
+  surrogate), "missing_text", "text_not_string". Empty texts and blank lines
+  are always skipped ("empty", "blank_line"); a file without a non-blank line
+  raises ("empty file"), or is counted as "empty_file". A cut or corrupt
+  compressed file always raises, naming it and the whole lines before the
+  damage. A pattern that matches no file raises `errors.NoCorpusFiles` (also
+  a FileNotFoundError).
 
   Args:
     paths: a file or glob pattern ("**" recurses), or a sequence of them.
@@ -307,6 +300,9 @@ def text_folder(root: str, suffixes: Optional[Sequence[str]] = (".txt",),
 
   A document's source is the file's path relative to `root` ("a/b.txt"), its
   id `stable_id(source)`. Hidden files and folders (".git") are left out.
+  A folder without a file to read raises a `CorpusError` that names the
+  suffixes read and the files passed over; so does one whose files of the
+  split were all skipped.
 
   Args:
     root: the folder.
@@ -319,12 +315,29 @@ def text_folder(root: str, suffixes: Optional[Sequence[str]] = (".txt",),
   """
   _check_split(split)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"text folder {root} does not exist")
-  suffixes = tuple(suffixes or ("",))  # Every name ends with "".
+    raise errors.NoCorpusFiles(f"textdir:{root}", "the folder does not exist")
+  suffixes = tuple(suffixes or ())
+  tally = _FolderTally()
   yield from _until(max_bytes, _file_documents(
       root, lambda d: not d.startswith("."),
-      lambda name: not name.startswith(".") and name.endswith(suffixes), "",
-      split, validation_percent, skipped))
+      lambda name: not name.startswith(".") and name.endswith(
+          suffixes or ("",)),  # Every name ends with "".
+      "", split, validation_percent, skipped, tally=tally))
+  if not tally.matched:
+    kinds = " or ".join(suffixes) + " " if suffixes else ""
+    reads = ", ".join(f"*{x}" for x in suffixes) if suffixes else (
+        "every file but hidden ones")
+    passed_over = (errors.describe_passed_over(
+        tally.passed_over, tally.example) if tally.passed_over else
+                   "the folder is empty")
+    raise errors.NoCorpusFiles(
+        f"textdir:{root}", f"no {kinds}files (reads {reads}; {passed_over})")
+  if not tally.documents and tally.skipped:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in
+                        sorted(tally.skipped.items()))
+    raise errors.CorpusError(
+        f"textdir:{root}", f"no documents: every file read was skipped "
+        f"({reasons})")
 
 
 # --- Prepared TFDS datasets ---------------------------------------------------

@@ -2,8 +2,8 @@
 plain, gzip and zstd files read a piece at a time, and splitting into lines.
 
 Files are read a piece at a time (never whole in memory), and a truncated or
-corrupt compressed file raises a ValueError naming it instead of reading as a
-shorter corpus.
+corrupt compressed file raises a `CorpusError` (a ValueError) naming it
+instead of reading as a shorter corpus.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import zlib
 from typing import Iterable, Iterator, Sequence, Union
 
 from etils import epath
+
+from retro_jax.corpus import errors
 
 _CHUNK_BYTES = 1 << 16  # Compressed bytes decompressed at a time.
 
@@ -32,9 +34,26 @@ def expand(paths: Union[str, os.PathLike, Sequence]) -> list:
           p for p in globlib.glob(pattern, recursive=True)
           if os.path.isfile(p))
     if not matched:
-      raise FileNotFoundError(f"no file matches {pattern!r}")
+      raise errors.NoCorpusFiles(pattern, _why_nothing_matches(pattern))
     files.update(dict.fromkeys(matched))
   return list(files)
+
+
+def _why_nothing_matches(pattern: str) -> str:
+  """The cause of an empty match, with what the folder holds instead."""
+  if "://" not in pattern and os.path.isdir(pattern):
+    return ("no file matches: it is a folder; name its files with a glob "
+            f"such as {os.path.join(pattern, '*.jsonl.zst')}")
+  folder = os.path.dirname(pattern)
+  if "://" in pattern or globlib.has_magic(folder):
+    return "no file matches"
+  if not os.path.isdir(folder or "."):
+    return f"no file matches (no folder {folder})"
+  others = sorted(name for name in os.listdir(folder or ".")
+                  if os.path.isfile(os.path.join(folder, name)))
+  passed_over = errors.describe_passed_over(
+      len(others), others[0] if others else None, folder or ".")
+  return f"no file matches ({passed_over})"
 
 
 def _expand_url(pattern: str) -> list:
@@ -54,13 +73,15 @@ def _expand_url(pattern: str) -> list:
 
 
 def zstd_chunks(path: str) -> Iterator[bytes]:
+  """The decompressed bytes of a zstd file (an empty file holds none)."""
   import zstandard  # pylint: disable=g-import-not-at-top
   # Allow the long windows of `zstd --long=31`; memory grows only if used.
   dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-  dobj, frames = None, 0
+  dobj, frames, empty = None, 0, True
   try:
     with epath.Path(path).open("rb") as f:   # Local, or gs://.
       while data := f.read(_CHUNK_BYTES):
+        empty = False
         while data:  # A file may hold several frames, one after another.
           if dobj is None:
             dobj, frames = dctx.decompressobj(), frames + 1
@@ -69,11 +90,13 @@ def zstd_chunks(path: str) -> Iterator[bytes]:
             yield out
           data, dobj = (dobj.unused_data, None) if dobj.eof else (b"", dobj)
   except zstandard.ZstdError as e:
-    raise ValueError(f"{path}: corrupt zstd file ({e})") from e
+    raise errors.CorpusError(path, f"corrupt zstd file ({e})") from None
   # The decompressor reports no error at a cut: without this check a
-  # truncated file would read as a shorter corpus.
-  if dobj is not None or not frames:
-    raise ValueError(f"{path}: truncated zstd file (it ends inside a frame)")
+  # truncated file would read as a shorter corpus. An empty file is left to
+  # the reader, which says so in its own words.
+  if dobj is not None or not (frames or empty):
+    raise errors.CorpusError(
+        path, "truncated zstd file (it ends inside a frame)")
 
 
 def decompressed_chunks(path: str) -> Iterator[bytes]:
@@ -87,7 +110,8 @@ def decompressed_chunks(path: str) -> Iterator[bytes]:
       while data := f.read(_CHUNK_BYTES):
         yield data
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-    raise ValueError(f"{path}: truncated or corrupt gzip file ({e})") from e
+    raise errors.CorpusError(
+        path, f"truncated or corrupt gzip file ({e})") from None
 
 
 def lines(chunks: Iterable[bytes]) -> Iterator[bytes]:

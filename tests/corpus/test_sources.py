@@ -179,7 +179,7 @@ def test_bad_line_raises_naming_file_and_line_or_is_counted(tmp_path, reason):
   path = tmp_path / "bad.jsonl"
   path.write_bytes(b"\n".join([_obj(text="a"), _obj(text="b"),
                                BAD_LINES[reason], _obj(text="d")]) + b"\n")
-  with pytest.raises(ValueError, match=rf"bad\.jsonl, line 3: "):
+  with pytest.raises(ValueError, match=rf"bad\.jsonl:3: "):
     list(sources.jsonl(str(path)))
   skipped = {}
   docs = list(sources.jsonl(str(path), on_error="skip", skipped=skipped))
@@ -195,7 +195,7 @@ def test_lone_surrogate_and_non_object_lines(tmp_path):
   skipped = {}
   assert not list(sources.jsonl(str(path), on_error="skip", skipped=skipped))
   assert skipped == {"invalid_utf8": 1, "missing_text": 1}
-  with pytest.raises(ValueError, match="line 1: text holds a lone surrogate"):
+  with pytest.raises(ValueError, match=":1: text holds a lone surrogate"):
     list(sources.jsonl(str(path)))
 
 
