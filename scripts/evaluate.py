@@ -1,17 +1,26 @@
-r"""Evaluates a run's checkpoint: loss, perplexity, bits/token, bits/byte per
-eval set, retrieval on and off, and leakage-filtered bits/byte (table + PNG).
+r"""Evaluates a run's checkpoint: loss, perplexity, bits/token, bits/byte
+(and, for corpus sets, word-level perplexity) per eval set, retrieval on and
+off, and leakage-filtered bits/byte (table + PNG).
 
   python scripts/evaluate.py --workdir=runs/tiny \
       --config=configs/eval.py:task,stdlib [--step=N] [--db=DIR] \
       [--config.eval.num_neighbours=10]
+  # A whole JSON-lines file, per pile_set_name (progress lines on stderr):
+  python scripts/evaluate.py --workdir=runs/tiny --config=configs/eval.py:pile \
+      --config.eval.sets.pile.corpus=jsonl:/data/wiki.jsonl.zst
 
 See configs/eval.py for every field and the set groups the config argument
 picks (task, stdlib, pile, arxiv), retro_jax/evaluation/sets.py for what a
-set is. Results: <workdir>/eval/step_<N>.json, leakage_step_<N>.png and
-step_<N>_<set>_chunks.npz.
+set is, docs/evaluation.md for what is scored and how. A corpus set is
+scored whole (every document, no byte cap) unless config.eval.split or
+max_bytes say otherwise; the run's Task set reads its cached validation
+split. Each set's results go to files of their own, never overwritten by
+another set, DB or k: <workdir>/eval/step_<N>_<set>_db-<hash>_k<k>
+[_<variant>...].json, ..._leakage.png, ..._chunks[_<subset>].npz (<hash>:
+of the DB's manifest). `python scripts/eval_results.py --workdir=...`
+prints them all as one table.
 """
 
-import sys
 
 from absl import app
 from absl import flags
@@ -37,12 +46,8 @@ def main(argv):
   from retro_jax.core import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   from retro_jax.evaluation import job  # pylint: disable=g-import-not-at-top
-  try:
-    job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value, _DB.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  job.evaluate_run(_CONFIG.value, _WORKDIR.value, _STEP.value, _DB.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # Bad input: one line "<script>: error: ..."; -v: traceback.

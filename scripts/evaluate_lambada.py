@@ -12,7 +12,6 @@ off, the number of examples and the mean target length in tokens; writes
 <workdir>/eval/lambada_step<N>_file<hash>_db<hash>_k<K>.json.
 """
 
-import sys
 
 from absl import app
 from absl import flags
@@ -46,15 +45,9 @@ def main(argv):
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   from retro_jax.evaluation import lambada
   # pylint: enable=g-import-not-at-top
-  try:
-    lambada.evaluate_file(_WORKDIR.value, _FILE.value, _STEP.value, _DB.value,
-                          _K.value, _MAX_EXAMPLES.value, _BATCH_SIZE.value)
-  except (ValueError, FileNotFoundError) as e:
-    if flags.FLAGS["verbosity"].present:  # -v: the traceback too.
-      logging.exception("evaluate_lambada failed")
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  lambada.evaluate_file(_WORKDIR.value, _FILE.value, _STEP.value, _DB.value,
+                        _K.value, _MAX_EXAMPLES.value, _BATCH_SIZE.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)  # Bad input: one line "<script>: error: ..."; -v: traceback.

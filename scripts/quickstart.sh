@@ -66,25 +66,20 @@ def main(argv):
 
 stage "done"
 "$PY" - "$W" <<'PYEOF'
-import glob, json, os, re, sys
+import os, sys
 import numpy as np
 from retro_jax.data import cache_job
-from retro_jax.evaluation import chunk_files, intervals
+from retro_jax.evaluation import chunk_files, intervals, result_files
 w = sys.argv[1]
 cached = cache_job.cached_summary("retro_quickstart", os.path.join(w, "cache"))
 short = {split: cached[split]["missing"] for split in ("train", "validation")}
 print(f"chunks with fewer than k neighbours after the document filter: "
       f"{short}")
-def result(run, probe=""):
+def result(run, probe="db"):
   """The run's latest evaluation of the Task set (with neighbours `probe`)."""
-  steps = [int(m.group(1)) for p in glob.glob(os.path.join(w, run, "eval",
-                                                          "*.json"))
-           for m in [re.fullmatch(rf"step_(\d+){probe}\.json",
-                                  os.path.basename(p))] if m]
-  path = os.path.join(w, run, "eval", f"step_{max(steps)}{probe}.json")
-  return json.load(open(path))["sets"]["task"]
+  return result_files.find(os.path.join(w, run), "task", probe)[-1]["sets"]["task"]
 retro, base = result("retro"), result("baseline")
-leak, control = result("retro", "_leak"), result("retro", "_random")
+leak, control = result("retro", "leak"), result("retro", "random")
 on, off = (retro[s]["bits_per_byte"] for s in ("retrieval_on", "retrieval_off"))
 print(f"held-out bits per byte: RETRO {on:.4f} (retrieval off {off:.4f}), "
       f"baseline without CCA {base['retrieval_on']['bits_per_byte']:.4f}")

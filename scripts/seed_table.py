@@ -13,9 +13,7 @@ evaluated.
 """
 
 import glob
-import json
 import os
-import re
 import sys
 from typing import Dict, Optional
 
@@ -25,6 +23,7 @@ import numpy as np
 from retro_jax.core import cli
 from retro_jax.evaluation import chunk_files
 from retro_jax.evaluation import intervals
+from retro_jax.evaluation import result_files
 
 _DIR = flags.DEFINE_string("dir", "runs/quickstart/seeds",
                            "Folder of <model>/seed_<s> workdirs.")
@@ -35,23 +34,15 @@ _REFERENCE = flags.DEFINE_string("reference", "retro",
 def latest(workdir: str, probe: str = "") -> Optional[Dict]:
   """The Task set of the run's latest evaluation with neighbours `probe`
   ("" = the DB, "_leak", "_random"), or None."""
-  found = {}
-  for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
-    m = re.fullmatch(rf"step_(\d+){probe}\.json", os.path.basename(path))
-    if m:
-      found[int(m.group(1))] = path
+  found = result_files.find(workdir, "task", probe.lstrip("_") or "db")
   if not found:
     return None
-  path = found[max(found)]
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)["sets"]["task"]
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column "
-                     f"{e.colno})") from None
+    return found[-1]["sets"]["task"]
   except (KeyError, TypeError):
-    raise ValueError(f"{path}: no Task set (sets.task): evaluate the run "
-                     "with --config=configs/eval.py:task") from None
+    raise ValueError(f"{workdir}/eval: no Task set (sets.task) in its "
+                     "latest results: evaluate the run with "
+                     "--config=configs/eval.py:task") from None
 
 
 def gain_cell(g: Dict) -> str:

@@ -7,7 +7,6 @@ complete, must reproduce the same bits per byte without retraining.
 """
 
 import glob
-import json
 import math
 import os
 import re
@@ -18,6 +17,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from retro_jax.evaluation import result_files
 
 pytestmark = pytest.mark.slow
 
@@ -120,13 +120,13 @@ def test_quickstart_interrupted_then_rerun_resumes_and_finishes(tmp_path):
   for run in ("retro", "baseline"):
     assert os.path.isdir(f"{w}/{run}/checkpoints/12")
     assert glob.glob(f"{w}/{run}/events.out.tfevents.*")
-    [result] = glob.glob(f"{w}/{run}/eval/step_12.json")
-    sets = json.load(open(result))["sets"]["task"]
-    assert sets["retrieval_on"]["bits_per_byte"] > 0
-  assert glob.glob(f"{w}/retro/eval/leakage_step_12.png")
+    [result] = result_files.find(f"{w}/{run}", "task")
+    assert result["step"] == 12
+    assert result["sets"]["task"]["retrieval_on"]["bits_per_byte"] > 0
+  assert glob.glob(f"{w}/retro/eval/step_12_task_*_leakage.png")
   for probe in ("leak", "random"):
-    [result] = glob.glob(f"{w}/retro/eval/step_12_{probe}.json")
-    assert json.load(open(result))["neighbours"] == probe
+    [result] = result_files.find(f"{w}/retro", "task", probe)
+    assert result["neighbours"] == probe
   assert f"retrieval DB:      {w}/db" in second
 
   # Complete: a third run trains nothing and reproduces the numbers.

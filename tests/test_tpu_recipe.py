@@ -23,6 +23,7 @@ from conftest import REPO_ROOT
 from gcs_emulator import GcsEmulator
 from readme_shell import readme_commands
 from retro_jax.corpus import sources
+from retro_jax.evaluation import result_files
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +122,8 @@ def test_recipe_on_a_bucket(gcs, tmp_path):
   assert any(n.startswith("cache/") and "tfrecord" in n for n in names)
   assert any(n.startswith(f"{run}/checkpoints/4/") for n in names), names
   assert any(n.startswith(f"{run}/") and "tfevents" in n for n in names)
-  results = json.loads(epath.Path(
-      f"{bucket}/{run}/eval/step_4.json").read_text())
+  [results] = result_files.find(f"{bucket}/{run}", "task")
+  assert results["step"] == 4
   bpb = results["sets"]["task"]["retrieval_on"]["bits_per_byte"]
   assert 0 < bpb < 20
   assert not any(p.name.startswith("gs:") for p in cwd.rglob("*"))

@@ -57,8 +57,16 @@ def paired_gain(nll_base: np.ndarray, nll_new: np.ndarray,
     raise ValueError("paired_gain: no target bytes")
   gain = diff.sum() / LN2 / seq_bytes.sum()
   rng = np.random.default_rng(seed)
-  pick = rng.integers(0, diff.size, size=(samples, diff.size))  # [N, S]
-  boot = diff[pick].sum(-1) / LN2 / np.maximum(seq_bytes[pick].sum(-1), 1)
+  # Resamples drawn in blocks: memory ~ 16 * block * S bytes, not N * S
+  # (gigabytes for the Pile's 10^5 sequences).
+  block = max(1, min(samples, 2 ** 24 // diff.size))
+  boot = []
+  for lo in range(0, samples, block):
+    pick = rng.integers(0, diff.size,
+                        size=(min(block, samples - lo), diff.size))  # [N', S]
+    boot.append(diff[pick].sum(-1) / LN2
+                / np.maximum(seq_bytes[pick].sum(-1), 1))
+  boot = np.concatenate(boot)  # [N]
   low, high = np.quantile(boot, [0.025, 0.975])
   return {"bpb_gain": float(gain), "ci95": [float(low), float(high)],
           "relative": float(gain / (base.sum() / LN2 / seq_bytes.sum())),

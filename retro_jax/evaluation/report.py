@@ -100,8 +100,10 @@ def format_summary(name: str, summary: Dict[str, Any]) -> str:
   "retrieval_gain") added."""
   def metrics(side):
     m = summary[side]
+    words = (f" word ppl {m['word_perplexity']:.2f}"
+             if "word_perplexity" in m else "")
     return (f"loss {m['loss']:.4f} ppl {m['perplexity']:.2f} "
-            f"bpb {m['bits_per_byte']:.4f}")
+            f"bpb {m['bits_per_byte']:.4f}{words}")
   line = (f"{name}: {summary['tokens']} tokens, {summary['bytes']} bytes | "
           f"retrieval on: {metrics('retrieval_on')}")
   if "retrieval_off" in summary:

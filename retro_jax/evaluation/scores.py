@@ -17,6 +17,10 @@ them for comparisons across runs.
 
 Targets: position t predicts token t + 1, so token j of a sequence is a
 target when j >= 1 and loss_mask[j] is 1; it belongs to chunk j // m.
+`evaluate_grouped_batches` scores batches whose rows belong to groups (the
+subsets of a streamed corpus set, `stream`) and splits the scores by group.
+Word-level perplexity (`summarize(..., words)`) is exp(total NLL / words),
+the convention of docs/evaluation.md.
 
 Retrieval off means the neighbours are masked (all padding): every CCA layer
 then adds exactly zero and the logits are those of the same decoder with its
@@ -33,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import (Any, Callable, Dict, Iterable, List, Optional,
+                    Sequence, Tuple)
 
 import haiku as hk
 import jax
@@ -94,6 +99,38 @@ def make_token_nll(model: Retro):
   return jax.jit(fn)
 
 
+def score_batch(model: Retro, params: hk.Params, batch: Dict[str, np.ndarray],
+                token_bytes_table: np.ndarray, token_nll, *,
+                retrieval_off: bool = True, leakage: bool = True,
+                leakage_source: str = "previous") -> ChunkScores:
+  """Per-chunk scores of one batch, chunks in row-major order [b * L]
+  (see `evaluate_batches` for the arguments)."""
+  m = model.config.chunk_size
+  tokens = np.asarray(batch["tokens"], np.int32)  # [B, n]
+  nbs = np.asarray(batch["neighbours"], np.int32)  # [B, L, k, r]
+  b, n = tokens.shape
+  weight = np.ones((b, n), np.float64)
+  weight[:, 0] = 0.0  # Position 0 predicts nothing of this window.
+  if "loss_mask" in batch:
+    weight *= np.asarray(batch["loss_mask"], np.float64)
+
+  def per_chunk(x):  # [B, n] -> [B * L]
+    return x.reshape(b, n // m, m).sum(-1).reshape(-1)
+
+  on = np.asarray(token_nll(params, tokens, nbs), np.float64)  # [B, n]
+  off = None
+  if retrieval_off:
+    off = np.asarray(token_nll(params, tokens, None), np.float64)  # [B, n]
+  return ChunkScores(
+      nll_on=per_chunk(on * weight),
+      nll_off=None if off is None else per_chunk(off * weight),
+      targets=per_chunk(weight).astype(np.int64),
+      bytes=per_chunk(np.asarray(token_bytes_table)[tokens]
+                      * weight).astype(np.int64),
+      leakage=leakage_lib.chunk_leakage(
+          tokens, nbs, m, leakage_source).reshape(-1) if leakage else None)
+
+
 def evaluate_batches(model: Retro, params: hk.Params,
                      batches: Iterable[Dict[str, np.ndarray]],
                      token_bytes_table: np.ndarray, *,
@@ -118,55 +155,97 @@ def evaluate_batches(model: Retro, params: hk.Params,
     ChunkScores over every chunk of every sequence (chunks without targets
     contribute zeros).
   """
-  m = model.config.chunk_size
   token_nll = token_nll or make_token_nll(model)
-  table = np.asarray(token_bytes_table)
   parts: List[ChunkScores] = []
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
-    tokens = np.asarray(batch["tokens"], np.int32)  # [B, n]
-    nbs = np.asarray(batch["neighbours"], np.int32)  # [B, L, k, r]
-    b, n = tokens.shape
-    weight = np.ones((b, n), np.float64)
-    weight[:, 0] = 0.0
-    if "loss_mask" in batch:
-      weight *= np.asarray(batch["loss_mask"], np.float64)
-
-    def per_chunk(x):  # [B, n] -> [B * L]
-      return x.reshape(b, n // m, m).sum(-1).reshape(-1)
-
-    on = np.asarray(token_nll(params, tokens, nbs), np.float64)
-    off = None
-    if retrieval_off:
-      off = np.asarray(token_nll(params, tokens, None), np.float64)
-    parts.append(ChunkScores(
-        nll_on=per_chunk(on * weight),
-        nll_off=None if off is None else per_chunk(off * weight),
-        targets=per_chunk(weight).astype(np.int64),
-        bytes=per_chunk(table[tokens] * weight).astype(np.int64),
-        leakage=leakage_lib.chunk_leakage(
-            tokens, nbs, m, leakage_source).reshape(-1) if leakage else None))
+    parts.append(score_batch(model, params, batch, token_bytes_table,
+                             token_nll, retrieval_off=retrieval_off,
+                             leakage=leakage, leakage_source=leakage_source))
   if not parts:
     raise ValueError("evaluate_batches: no batch to evaluate")
   return ChunkScores.concat(parts)
 
 
-def _metrics_of(nll: float, targets: int, num_bytes: int) -> Dict[str, float]:
+@dataclasses.dataclass
+class GroupScores:
+  """A group's per-chunk scores and the tokens of its windows that no
+  target covers (each window's position 0 when it is new text)."""
+
+  parts: List[ChunkScores] = dataclasses.field(default_factory=list)
+  unscored_tokens: int = 0
+  unscored_bytes: int = 0
+
+  def chunks(self) -> ChunkScores:
+    return ChunkScores.concat(self.parts)
+
+
+def evaluate_grouped_batches(
+    model: Retro, params: hk.Params, batches: Iterable[Dict[str, np.ndarray]],
+    token_bytes_table: np.ndarray, *, leakage_source: str = "previous",
+    max_batches: Optional[int] = None, token_nll=None,
+    on_batch: Optional[Callable[[int], None]] = None
+) -> Tuple[Dict[int, GroupScores], bool]:
+  """`evaluate_batches` of batches whose rows carry a group index (int
+  [B] "group", see `stream.labelled_batches`), split by group.
+
+  A stream token with loss_mask 1 at a window's position 0 is text that
+  this window brings but predicts nothing of (no context): it is counted
+  as unscored, so a group's scored plus unscored bytes are all its text's.
+
+  Returns:
+    ({group index: GroupScores}, complete: False if max_batches stopped
+    the evaluation before the batches ran out).
+  """
+  token_nll = token_nll or make_token_nll(model)
+  table = np.asarray(token_bytes_table)
+  m = model.config.chunk_size
+  out: Dict[int, GroupScores] = {}
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      return out, False
+    scores = score_batch(model, params, batch, table, token_nll,
+                         leakage_source=leakage_source)
+    tokens = np.asarray(batch["tokens"])  # [B, n]
+    first = np.asarray(batch["loss_mask"])[:, 0]  # [B] 1: new, unscored.
+    chunk_rows = np.repeat(np.arange(len(tokens)), tokens.shape[1] // m)
+    for g in np.unique(batch["group"]):
+      rows = np.asarray(batch["group"]) == g  # [B]
+      group = out.setdefault(int(g), GroupScores())
+      group.parts.append(scores.select(rows[chunk_rows]))
+      group.unscored_tokens += int(first[rows].sum())
+      group.unscored_bytes += int((table[tokens[rows, 0]] * first[rows]).sum())
+    if on_batch is not None:
+      on_batch(i + 1)
+  return out, True
+
+
+def _metrics_of(nll: float, targets: int, num_bytes: int,
+                words: Optional[int]) -> Dict[str, float]:
   loss = nll / max(targets, 1)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_token": loss / LN2,
-          "bits_per_byte": nll / LN2 / max(num_bytes, 1)}
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+         "bits_per_token": loss / LN2,
+         "bits_per_byte": nll / LN2 / max(num_bytes, 1)}
+  if words:
+    out["word_perplexity"] = math.exp(min(nll / words, 700.0))
+  return out
 
 
-def summarize(scores: ChunkScores) -> Dict[str, Any]:
-  """Loss (nats/token), perplexity, bits/token and bits/byte, on and off."""
+def summarize(scores: ChunkScores,
+              words: Optional[int] = None) -> Dict[str, Any]:
+  """Loss (nats/token), perplexity, bits/token and bits/byte, on and off;
+  with `words` (the scored text's words, `stream.count_words`) also the
+  word-level perplexity exp(total NLL / words) (docs/evaluation.md)."""
   targets, nbytes = int(scores.targets.sum()), int(scores.bytes.sum())
   out: Dict[str, Any] = {"tokens": targets, "bytes": nbytes,
                          "chunks": int((scores.targets > 0).sum()),
                          "retrieval_on": _metrics_of(
-                             float(scores.nll_on.sum()), targets, nbytes)}
+                             float(scores.nll_on.sum()), targets, nbytes,
+                             words)}
+  if words:
+    out["words"] = int(words)
   if scores.nll_off is not None:
     out["retrieval_off"] = _metrics_of(float(scores.nll_off.sum()), targets,
-                                       nbytes)
+                                       nbytes, words)
   return out

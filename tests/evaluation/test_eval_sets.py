@@ -37,13 +37,24 @@ def test_config_argument_picks_set_groups_and_flags_override_fields():
                   "--config.eval.stride=128")
   got = {s.name: s for s in sets.sets_of(config.eval)}
   assert set(got) == {"task", "stdlib", "pile"}
-  assert got["stdlib"] == sets.EvalSet("stdlib", "python_stdlib", {}, "")
+  # The library's held-out files; a corpus file is read whole by default.
+  assert got["stdlib"] == sets.EvalSet("stdlib", "python_stdlib", {}, "",
+                                       "validation")
   assert got["pile"].corpus == "jsonl:/x/val.jsonl"
   assert got["pile"].group_by == "pile_set_name"
+  assert got["pile"].split == "all" and config.eval.max_bytes == 0
+  assert config.eval.task_split == "validation"
   assert config.eval.stride == 128
+  capped = _parse(f"--config={EVAL_CONFIG}:pile,stdlib",
+                  "--config.eval.split=train")
+  assert [s.split for s in sets.sets_of(capped.eval)] == ["train",
+                                                          "validation"]
   arxiv = _parse(f"--config={EVAL_CONFIG}:arxiv",
                  "--config.eval.sets.arxiv.meta.pile_set_name=Github")
   assert sets.sets_of(arxiv.eval)[0].meta == {"pile_set_name": "Github"}
+  wiki = sets.sets_of(_parse(f"--config={EVAL_CONFIG}:wikitext103").eval)
+  assert [(s.name, s.corpus.split(":")[0], s.split) for s in wiki] == [
+      ("wikitext103", "jsonl", "all")]
   with pytest.raises(flags.IllegalFlagValueError,
                      match="no set group 'nope'"):
     _parse(f"--config={EVAL_CONFIG}:nope")
@@ -55,7 +66,11 @@ def test_sets_are_checked():
     sets.sets_of(config.eval)
   config = _parse(f"--config={EVAL_CONFIG}:task",
                   "--config.eval.sets.task.group_by=pile_set_name")
-  with pytest.raises(ValueError, match="takes no meta filter or group_by"):
+  with pytest.raises(ValueError, match="takes no meta filter, group_by"):
+    sets.sets_of(config.eval)
+  config = _parse(f"--config={EVAL_CONFIG}:task",
+                  "--config.eval.sets.task.split=train")
+  with pytest.raises(ValueError, match="config.eval.task_split picks"):
     sets.sets_of(config.eval)
 
 
@@ -67,19 +82,21 @@ def test_documents_are_filtered_by_meta_and_grouped(tmp_path):
       f.write(json.dumps({"text": f"document {i}\n" * 5,
                           "meta": {"pile_set_name": name}}) + "\n")
   pile = sets.EvalSet("pile", f"jsonl:{path}", {}, "pile_set_name")
-  docs = sets.documents(pile, None, 0)
-  groups = sets.groups_of(pile, docs)
-  assert list(groups) == ["pile", "pile/ArXiv", "pile/Github",
-                          "pile/Enron Emails"]
-  assert [len(g) for g in groups.values()] == [4, 2, 1, 1]
+  docs = list(sets.documents(pile))
+  assert len(docs) == 4  # "all": no line is held out.
+  group = sets.group_of(pile)
+  assert [group(d) for d in docs] == ["pile/ArXiv", "pile/Github",
+                                      "pile/ArXiv", "pile/Enron Emails"]
   arxiv = dataclasses.replace(pile, meta={"pile_set_name": "ArXiv"},
                               group_by="")
-  assert [d.text for d in sets.documents(arxiv, None, 0)] == [
-      docs[0].text, docs[2].text]
-  assert list(sets.groups_of(arxiv, docs)) == ["pile"]
+  assert [d.text for d in sets.documents(arxiv)] == [docs[0].text,
+                                                     docs[2].text]
+  assert sets.group_of(arxiv)(docs[1]) == "pile"
+  # A byte cap stops after the document that reaches it.
+  assert len(list(sets.documents(pile, max_bytes=len(docs[0].text) + 1))) == 2
   nothing = dataclasses.replace(arxiv, meta={"pile_set_name": "Books3"})
-  with pytest.raises(ValueError, match="has no document"):
-    sets.documents(nothing, None, 0)
+  assert not list(sets.documents(nothing))
+  assert "has no document" in str(sets.no_document_error(nothing))
 
 
 def test_a_run_finds_its_vocabulary_and_db(tmp_path):

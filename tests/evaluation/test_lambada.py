@@ -216,10 +216,12 @@ def test_the_script_refuses_a_bad_file_in_one_line(tmp_path):
   proc = _script(f"--workdir={tmp_path}/run", f"--file={path}")
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
-      f"error: {path}:2: the text has no space, so no target word"]
+      f"scripts/evaluate_lambada.py: error: {path}:2: the text has no space, "
+      f"so no target word"]
   assert proc.stdout == ""
   proc = _script(f"--workdir={tmp_path}/run", f"--file={FIXTURE}")
-  assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("scripts/evaluate_lambada.py: error: ")
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   proc = _script(f"--file={FIXTURE}")  # absl: a required flag is missing.
   assert proc.returncode != 0 and "workdir" in proc.stderr
