@@ -130,8 +130,11 @@ def find(workdir: str, set_name: str, neighbours: str = "db"
   found = []
   for path in sorted((epath.Path(workdir) / "eval").glob("*.json")):
     results = files.read_json(path)
-    if (results.get("set") == set_name
-        and results.get("neighbours", "db") == neighbours):
+    # Files written before results were named by set hold all sets of one
+    # evaluation ("sets") and no "set".
+    named = results.get("set", set_name if set_name in results.get(
+        "sets", {}) else None)
+    if named == set_name and results.get("neighbours", "db") == neighbours:
       found.append(results)
   return sorted(found, key=lambda r: r["step"])
 

@@ -95,8 +95,10 @@ def test_every_results_file_comes_back_as_rows(tmp_path):
   table = result_files.format_table(rows).splitlines()
   assert table[0].split()[:4] == ["step", "set", "subset", "db"]
   assert len(table) == 1 + 5 and "Wikipedia (en)" in table[5]
-  found = result_files.find(str(tmp_path), "task")
-  assert [r["db_id"] for r in found] == ["db-aaa"]
+  found = result_files.find(str(tmp_path), "task")  # The older file too.
+  assert [r.get("db_id") for r in found] == [None, "db-aaa"]
+  assert [r["step"] for r in found] == [1, 3]
+  assert not result_files.find(str(tmp_path), "wiki", "leak")
   assert result_files.find(str(tmp_path), "task", "leak")[0]["step"] == 3
 
   # The command prints the same table; a workdir without results is one
