@@ -66,7 +66,11 @@ def task_spec(*, corpus: str, spm_path: str, db_dir: str, seq_len: int,
           "db_shards": db_format.sha256_bytes(repr(
               [(sh["name"], sh["files"]) for sh in manifest["shards"]]
           ).encode()),
-          "from_db": sorted(from_db), "db_table": table}
+          "from_db": sorted(from_db), "db_table": table,
+          # Only an edited DB (scripts/edit_db.py) has a version of its own,
+          # so that caches of DBs never edited keep comparing equal.
+          **({"db_version": manifest["content_version"]}
+             if manifest.get("edits") else {})}
 
 
 def split_limit(spec: Mapping[str, Any], split: str) -> Optional[int]:

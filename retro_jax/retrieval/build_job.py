@@ -39,7 +39,7 @@ from retro_jax.retrieval import db_stage
 from retro_jax.retrieval import index as indexlib
 from retro_jax.retrieval import index_shards
 
-INDEX_DIR = "index"
+INDEX_DIR = fmt.INDEX_DIR  # Of a built DB; an edited one names its own.
 
 
 TRAIN_PART = "train"  # The part of the DB that training sequences are cut from.
@@ -163,7 +163,7 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
   skipped = summary["corpus_files_skipped"]  # Reader skips, by reason.
   first = next(iter(parts.values()), None)
   seconds = summary["seconds"]
-  index_dir = os.path.join(db_dir, INDEX_DIR)
+  index_dir = fmt.index_dir_of(db_dir)  # Where the manifest says, if any.
 
   def timed(name, fn):
     t0 = time.time()
@@ -212,7 +212,8 @@ def build_database(db_dir: str, parts: Mapping[str, Mapping[str, Any]],
         recall_queries=recall_queries, log=log))
     recall = built["recall"]
     dblib.update_manifest(
-        db_dir, index={"kind": built["kind"], "dir": INDEX_DIR,
+        db_dir, index={"kind": built["kind"],
+                       "dir": os.path.relpath(index_dir, db_dir),
                        "shards": len(built["shards"]),
                        "shard_chunks": index_shard_chunks},
         recall=recall)
@@ -262,14 +263,17 @@ def open_for_queries(db_dir: str, embedder
   checked against `embedder`."""
   db_dir = db_stage.local_dir(db_dir)   # A gs:// DB: its staged copy.
   db = dblib.RetrievalDB.open(db_dir, embedder=embedder)
-  return db, index_shards.load(os.path.join(db_dir, INDEX_DIR), db)
+  return db, index_shards.load(fmt.index_dir_of(db_dir, db.manifest), db)
 
 
 def query(db_dir: str, text: str, embedder, k: int = 5) -> List[Dict]:
-  """The k DB chunks nearest to `text`: id, document id, distance, text."""
+  """The k DB chunks nearest to `text`: id, document id, distance, text,
+  and where the chunk came from ("document": source, title, meta; source
+  None in a DB built before attribution)."""
   db, searcher = open_for_queries(db_dir, embedder)
   sp = vocab.load(os.path.join(db.path, "spm.model"))
   ids, dists = searcher.search(embedder.embed([text]), k)      # [1, k]
   return [{"id": int(i), "doc_id": int(db.doc_ids_of(np.array([i]))[0]),
-           "distance": float(d), "text": db.chunk_text(int(i), sp)}
+           "distance": float(d), "text": db.chunk_text(int(i), sp),
+           "document": db.document_of(int(i))}
           for i, d in zip(ids[0], dists[0]) if i >= 0]

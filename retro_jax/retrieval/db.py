@@ -3,13 +3,16 @@
 Every chunk of the retrieval corpus (m = 64 SentencePiece tokens of one
 document, the last chunk of a document 0-padded) has a global id; the DB maps
 ids to tokens, document ids, BERT embeddings and neighbour values (the chunk
-followed by its continuation, the next chunk of the same document). Building
-it is db_build.py (write_chunks -> embed_shards -> finalize, re-exported
-here); its files are described in db_format.py. Only a finalized DB, one with
-a manifest.json written after every shard was checked, is ever opened.
+followed by its continuation, the next chunk of the same document), and each
+document to where it came from (attribution.py). Building it is db_build.py
+and db_finalize.py (write_chunks -> embed_shards -> finalize, re-exported
+here), editing it db_edit.py; its files are described in db_format.py. Only
+a finalized DB, one with a manifest.json written after every shard was
+checked, is ever opened.
 
   db = RetrievalDB.open(path, spm_path=..., embedder=bert)
   db.neighbour_values(ids)        # int32 [..., 2m]; id -1 -> all zeros
+  db.document_of(chunk_id)        # {doc_id, source, title, meta, bytes}
 
 Global ids are mapped to (shard, row) by a table of cumulative shard sizes;
 a continuation is read across a shard boundary like any other chunk.
@@ -22,144 +25,24 @@ Shape glossary:
 from __future__ import annotations
 
 import os
-import time
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
+from retro_jax.retrieval import attribution
 from retro_jax.retrieval import db_format as fmt
 from retro_jax.retrieval import db_stage
 from retro_jax.retrieval.db_build import (CHUNK_SIZE, PAD_ID, chunk_document,
                                           embed_shard, embed_shards,
-                                          embedding_plan, load_build,
-                                          write_chunks)
+                                          embedding_plan, write_chunks)
+from retro_jax.retrieval.db_finalize import (finalize, unfinalized_reason,
+                                             update_manifest)
 from retro_jax.retrieval.db_format import IncompleteDBError
 
 __all__ = ["CHUNK_SIZE", "PAD_ID", "IncompleteDBError", "RetrievalDB",
            "chunk_document", "embed_shard", "embed_shards", "embedding_plan",
            "finalize", "update_manifest",
            "write_chunks"]
-
-# Fields that describe the stored data; update_manifest may not touch them.
-_FROZEN_FIELDS = ("format_version", "spm_model_sha256", "embedder",
-                  "chunk_size", "num_chunks", "num_tokens", "num_documents",
-                  "text_bytes", "pad_tokens", "parts", "embedding", "shards",
-                  "build")
-
-
-def _shard_problems(db_dir: str, num_shards: int,
-                    verify: bool) -> tuple[List[str], List[Dict[str, Any]]]:
-  """(problems, records of the complete shards) for shards [0, num_shards)."""
-  problems, shards = [], []
-  for i in range(num_shards):
-    sdir = fmt.shard_dir(db_dir, i)
-    problem = fmt.chunks_problem(sdir, verify)
-    chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
-    problem = problem or fmt.embeddings_problem(sdir, chunks, verify)
-    if problem:
-      problems.append(problem)
-      continue
-    record = fmt.read_json(os.path.join(sdir, fmt.EMBEDDINGS_RECORD))
-    shards.append({"name": fmt.shard_name(i),
-                   "num_chunks": chunks["num_chunks"],
-                   "files": dict(chunks["files"],
-                                 **{fmt.EMBEDDINGS: record["file"]}),
-                   "embedding": {k: record[k] for k in
-                                 ("embedder", "dtype", "dim")}})
-  return problems, shards
-
-
-def finalize(db_dir: str, verify: bool = True) -> Dict[str, Any]:
-  """Stage 3: checks every shard and writes manifest.json (atomically).
-
-  Args:
-    db_dir: a DB after write_chunks and embed_shards.
-    verify: recompute every file's sha256 (else sizes only).
-  Returns:
-    The manifest. The `index` and `recall` fields of an earlier manifest are
-    kept when the shards are unchanged.
-  Raises:
-    IncompleteDBError: naming the missing, stale or corrupted shard files.
-    ValueError: an empty corpus, or shards from different embedders.
-  """
-  build = load_build(db_dir)
-  summary = build["chunks"]
-  if not summary["num_chunks"]:
-    raise ValueError(f"{db_dir} holds no chunks (skipped documents: "
-                     f"{summary['skipped']}): the corpus is empty")
-  problems, shards = _shard_problems(db_dir, summary["num_shards"], verify)
-  spm_file = os.path.join(db_dir, fmt.SPM_MODEL)
-  if (not os.path.isfile(spm_file)
-      or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
-    problems.append(f"{fmt.SPM_MODEL} is missing or damaged")
-  if problems:
-    raise IncompleteDBError(
-        f"{db_dir} cannot be finalized: {fmt.describe(problems)} (rerun "
-        f"write_chunks / embed_shards)")
-  kinds = {repr(s.pop("embedding")) for s in shards}
-  if len(kinds) != 1:
-    raise ValueError(f"{db_dir} mixes embeddings: {sorted(kinds)}")
-  record = fmt.read_json(os.path.join(fmt.shard_dir(db_dir, 0),
-                                      fmt.EMBEDDINGS_RECORD))
-  if sum(s["num_chunks"] for s in shards) != summary["num_chunks"]:
-    raise IncompleteDBError(f"{db_dir}: shard sizes do not add up to the "
-                            f"{summary['num_chunks']} chunks written")
-  old = fmt.read_json(os.path.join(db_dir, fmt.MANIFEST)) or {}
-  same = (old.get("shards") == shards
-          and old.get("embedder") == record["embedder"])
-  manifest = {
-      "format_version": fmt.FORMAT_VERSION,
-      "spm_model_sha256": build["spm_model_sha256"],
-      "embedder": record["embedder"],
-      "chunk_size": build["chunk_size"],
-      "num_chunks": summary["num_chunks"],
-      "num_tokens": summary["num_tokens"],
-      "num_documents": summary["num_documents"],
-      "text_bytes": summary["text_bytes"],
-      "pad_tokens": summary["pad_tokens"],
-      # Contiguous chunk-id ranges by origin; "train" is the training split.
-      "parts": summary["parts"],
-      "embedding": {"dim": record["dim"], "dtype": record["dtype"]},
-      "shards": shards,
-      "build": {k: summary[k] for k in ("skipped", "short_documents",
-                                        "shard_chunks")},
-      "finalized": time.time(),
-      "index": old.get("index", {}) if same else {},
-      "recall": old.get("recall", {}) if same else {},
-  }
-  fmt.write_json_atomic(os.path.join(db_dir, fmt.MANIFEST), manifest)
-  for i in range(len(shards)):
-    fmt.remove_temporaries(fmt.shard_dir(db_dir, i))
-  return manifest
-
-
-def update_manifest(db_dir: str, **fields: Any) -> Dict[str, Any]:
-  """Sets free-form manifest fields (e.g. `index`, `recall`) atomically.
-
-  Fields that describe the stored data are refused: rebuild instead.
-  """
-  path = os.path.join(db_dir, fmt.MANIFEST)
-  manifest = fmt.read_json(path)
-  if manifest is None:
-    raise IncompleteDBError(f"{db_dir} has no {fmt.MANIFEST}: run finalize")
-  frozen = sorted(set(fields) & set(_FROZEN_FIELDS))
-  if frozen:
-    raise ValueError(f"manifest fields {frozen} describe the stored data and "
-                     f"cannot be updated")
-  manifest.update(fields)
-  fmt.write_json_atomic(path, manifest)
-  return manifest
-
-
-def _unfinalized_reason(path: str) -> str:
-  """What keeps a DB directory without a manifest from being served."""
-  try:
-    build = load_build(path)
-  except IncompleteDBError as e:
-    return str(e)
-  problems, _ = _shard_problems(path, build["chunks"]["num_shards"], False)
-  return fmt.describe(problems) if problems else "all shards are complete"
-
 
 def gather_rows(arrays: List[np.ndarray], offsets: np.ndarray,
                 ids: np.ndarray) -> np.ndarray:
@@ -199,6 +82,9 @@ class RetrievalDB:
     sizes = [s["num_chunks"] for s in manifest["shards"]]
     self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(
         np.int64)  # [S + 1]
+    self._documents = attribution.ShardDocuments(
+        [os.path.join(path, fmt.SHARDS, s["name"]) if fmt.DOCUMENTS in
+         s["files"] else None for s in manifest["shards"]])
 
   @classmethod
   def open(cls, path: str, spm_path: Optional[str] = None,
@@ -221,7 +107,7 @@ class RetrievalDB:
     if manifest is None:
       raise IncompleteDBError(
           f"{path} is not a finalized retrieval DB (no {fmt.MANIFEST}): "
-          f"{_unfinalized_reason(path)}; finish the build and run finalize")
+          f"{unfinalized_reason(path)}; finish the build and run finalize")
     if manifest.get("format_version") != fmt.FORMAT_VERSION:
       raise IncompleteDBError(
           f"{path} has format version {manifest.get('format_version')}, "
@@ -241,6 +127,17 @@ class RetrievalDB:
         raise ValueError(
             f"{path} was embedded with {built['name']!r} (fingerprint "
             f"{built['fingerprint']}), the given embedder is {given}")
+    return cls.from_manifest(path, manifest, verify)
+
+  @classmethod
+  def from_manifest(cls, path: str, manifest: Dict[str, Any],
+                    verify: bool = False) -> RetrievalDB:
+    """The DB whose shards `manifest` lists (not necessarily the one in
+    manifest.json: an edit opens the edited DB before switching to it).
+
+    Raises:
+      IncompleteDBError: shard files missing, corrupted or misshapen.
+    """
     arrays = {fmt.TOKENS: [], fmt.DOC_IDS: [], fmt.EMBEDDINGS: []}
     problems = []
     for shard in manifest["shards"]:
@@ -249,7 +146,7 @@ class RetrievalDB:
         problem = fmt.file_problem(os.path.join(sdir, fname), record, verify)
         if problem:
           problems.append(problem)
-        elif not problems:
+        elif not problems and fname in arrays:  # Documents are read lazily.
           try:
             arrays[fname].append(np.load(os.path.join(sdir, fname),
                                          mmap_mode="r", allow_pickle=False))
@@ -371,6 +268,38 @@ class RetrievalDB:
   def embeddings(self) -> np.ndarray:
     """float32 [N, D]: every chunk's embedding, in id order (loaded)."""
     return np.concatenate(self._embeddings, axis=0, dtype=np.float32)
+
+  @property
+  def content_version(self) -> str:
+    """sha256 of the shard records: changes with every edit of the DB."""
+    return self.manifest.get("content_version") or fmt.content_version(
+        self.manifest["shards"])
+
+  @property
+  def has_sources(self) -> bool:
+    """Whether every shard keeps its documents' sources (DBs built before
+    attribution do not: their documents are known by id only)."""
+    return self._documents.complete
+
+  def shard_of(self, chunk_id: int) -> int:
+    """The index of the DB shard holding `chunk_id`."""
+    if not 0 <= chunk_id < self.num_chunks:
+      raise IndexError(f"chunk id {chunk_id} is not in [0, "
+                       f"{self.num_chunks})")
+    return int(np.searchsorted(self._offsets, chunk_id, side="right") - 1)
+
+  def document_of(self, chunk_id: int) -> Dict[str, Any]:
+    """Where chunk `chunk_id` came from: {"doc_id", "source", "title",
+    "meta", "bytes"}; source, title and bytes are None (meta {}) in a DB
+    built before attribution."""
+    chunk_id = int(chunk_id)
+    doc_id = int(self.doc_ids_of(np.asarray([chunk_id]))[0])
+    return self._documents.get(self.shard_of(chunk_id), doc_id)
+
+  def documents(self) -> Iterator[Dict[str, Any]]:
+    """Every document's record once, in chunk-id order (ValueError on a DB
+    built before attribution)."""
+    return self._documents.all(self.path)
 
   def chunk_text(self, chunk_id: int, sp) -> str:
     """The detokenized text of one chunk (what BERT embedded)."""

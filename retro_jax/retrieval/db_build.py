@@ -4,7 +4,8 @@ Three stages, each safe to kill at any point and rerun (db_format.py has the
 layout and the atomic-write rules that make this true):
 
   1. write_chunks   documents -> SentencePiece ids + EOS -> 64-token chunks
-                    (corpus/packing.document_chunks), in shards of
+                    (corpus/packing.document_chunks) and each document's
+                    source and metadata (shard_writer.py), in shards of
                     `shard_chunks` chunks; one pass over a stream per part
                     (the training split first, then any extra text), one
                     shard in memory. A rerun re-reads the stream and
@@ -34,8 +35,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Union)
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 from etils import epath
 import numpy as np
@@ -47,9 +47,9 @@ from retro_jax.corpus import vocab
 from retro_jax.corpus.packing import chunk_document, document_chunks
 from retro_jax.corpus.sources import Document
 from retro_jax.retrieval import db_format as fmt
+from retro_jax.retrieval import shard_writer
 
 EMBEDDING_DTYPES = ("float32", "float16")
-_DOC_BATCH = 256  # Documents per SentencePiece call (it tokenizes in threads).
 
 
 def spm_model_bytes(sp, spm_path: Optional[str]) -> bytes:
@@ -58,82 +58,6 @@ def spm_model_bytes(sp, spm_path: Optional[str]) -> bytes:
   if spm_path is None:
     return sp.serialized_model_proto()
   return epath.Path(spm_path).read_bytes()  # Local or gs://.
-
-
-class _ShardWriter:
-  """Fills shards of `shard_chunks` chunks and writes each when full."""
-
-  def __init__(self, db_dir: str, shard_chunks: int, chunk_size: int,
-               manifest: Optional[Dict[str, Any]]):
-    self.db_dir, self.manifest = db_dir, manifest
-    self.tokens = np.zeros((shard_chunks, chunk_size), np.int32)  # [n, m]
-    self.doc_ids = np.zeros((shard_chunks,), np.int64)  # [n]
-    self.fill = 0
-    self.index = 0
-    self.written = self.reused = 0
-
-  def add(self, chunks: np.ndarray, doc_id: int) -> None:
-    """Appends a document's chunks [c, m], spilling into the next shard."""
-    start = 0
-    while start < len(chunks):
-      take = min(len(chunks) - start, len(self.tokens) - self.fill)
-      self.tokens[self.fill:self.fill + take] = chunks[start:start + take]
-      self.doc_ids[self.fill:self.fill + take] = doc_id
-      self.fill += take
-      start += take
-      if self.fill == len(self.tokens):
-        self.flush()
-
-  def flush(self) -> None:
-    if not self.fill:
-      return
-    tokens_npy = fmt.npy_bytes(self.tokens[:self.fill])
-    doc_ids_npy = fmt.npy_bytes(self.doc_ids[:self.fill])
-    want = {fmt.TOKENS: fmt.sha256_bytes(tokens_npy),
-            fmt.DOC_IDS: fmt.sha256_bytes(doc_ids_npy)}
-    sdir = fmt.shard_dir(self.db_dir, self.index)
-    if self.manifest is not None:
-      # A finalized DB is only ever restored, never changed under its readers.
-      shards = self.manifest["shards"]
-      have = shards[self.index]["files"] if self.index < len(shards) else {}
-      if any(have.get(k, {}).get("sha256") != v for k, v in want.items()):
-        raise ValueError(
-            f"{self.db_dir} is finalized and its {fmt.shard_name(self.index)}"
-            f" differs from this corpus: build into a fresh directory")
-    record = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
-    if (record is not None and {k: v.get("sha256") for k, v in
-                                record.get("files", {}).items()} == want
-        and fmt.chunks_problem(sdir, verify=True) is None):
-      self.reused += 1
-    else:
-      os.makedirs(sdir, exist_ok=True)
-      # Unrecord first: while the files are replaced the shard is incomplete.
-      # (Its embeddings record names the tokens' sha256, so embeddings of
-      # other tokens are found stale by embed_shards and finalize.)
-      if os.path.exists(os.path.join(sdir, fmt.CHUNKS_RECORD)):
-        os.remove(os.path.join(sdir, fmt.CHUNKS_RECORD))
-      fmt.remove_temporaries(sdir)
-      files = {
-          fmt.TOKENS: fmt.write_bytes_atomic(
-              os.path.join(sdir, fmt.TOKENS), tokens_npy),
-          fmt.DOC_IDS: fmt.write_bytes_atomic(
-              os.path.join(sdir, fmt.DOC_IDS), doc_ids_npy)}
-      fmt.write_json_atomic(os.path.join(sdir, fmt.CHUNKS_RECORD),
-                            {"num_chunks": self.fill, "files": files})
-      self.written += 1
-    self.index += 1
-    self.fill = 0
-
-
-def _batches(docs: Iterable[Document], size: int) -> Iterator[List[Document]]:
-  batch = []
-  for doc in docs:
-    batch.append(doc)
-    if len(batch) == size:
-      yield batch
-      batch = []
-  if batch:
-    yield batch
 
 
 def _start_build(out_dir: str, build: Dict[str, Any], record: bool) -> None:
@@ -200,15 +124,20 @@ def write_chunks(docs: Union[Iterable[Document],
            "chunk_size": chunk_size, "shard_chunks": shard_chunks,
            "started": time.time(), "chunks": None}
   manifest = fmt.read_json(os.path.join(out_dir, fmt.MANIFEST))
+  if manifest is not None and manifest.get("edits"):
+    raise ValueError(
+        f"{out_dir} was edited ({len(manifest['edits'])} edits, "
+        f"scripts/edit_db.py): its shards no longer follow the corpus; build "
+        f"into a fresh directory")
   # A finalized DB's build.json is rewritten only if the rerun matches it.
   _start_build(out_dir, build, record=manifest is None)
   spm_file = os.path.join(out_dir, fmt.SPM_MODEL)
   if (not os.path.isfile(spm_file)
       or fmt.sha256_file(spm_file) != build["spm_model_sha256"]):
     fmt.write_bytes_atomic(spm_file, spm_bytes)
-  writer = _ShardWriter(out_dir, shard_chunks, chunk_size, manifest)
-  skipped = dict(empty=0, invalid_unicode=0, empty_after_tokenization=0,
-                 repeated_doc_id=0)
+  writer = shard_writer.ShardWriter(out_dir, shard_chunks, chunk_size,
+                                    manifest)
+  skipped = shard_writer.new_skip_counts()
   counts = dict(num_documents=0, num_chunks=0, num_tokens=0, pad_tokens=0,
                 text_bytes=0, short_documents=0)
   parts = []
@@ -218,42 +147,20 @@ def write_chunks(docs: Union[Iterable[Document],
     part = dict(name=name, source=sources.get(name),
                 first_chunk=counts["num_chunks"], num_chunks=0,
                 num_documents=0, num_tokens=0, pad_tokens=0)
-    for batch in _batches(part_docs, _DOC_BATCH):
-      bar.update(len(batch))
-      kept = []
-      for doc in batch:
-        if not doc.text.strip():
-          skipped["empty"] += 1
-          continue
-        try:  # Lone surrogates (surrogateescape) have no UTF-8 form.
-          nbytes = len(doc.text.encode("utf-8"))
-        except UnicodeEncodeError:
-          skipped["invalid_unicode"] += 1
-          continue
-        kept.append((doc, nbytes))
-      for (doc, nbytes), ids in zip(kept, sp.encode([d.text for d, _ in kept])):
-        if not ids:
-          skipped["empty_after_tokenization"] += 1
-          continue
-        if doc.doc_id in seen_ids:
-          # A document enters the DB once: adjacent chunks with one id would
-          # read as one document (joining two), and a copy in a later part
-          # (extra text that overlaps the training split) would fill a
-          # query's k neighbours with the same text twice.
-          skipped["repeated_doc_id"] += 1
-          continue
-        seen_ids.add(doc.doc_id)
-        chunks = document_chunks(np.asarray(ids, np.int32),
-                                 chunk_size)  # [c, m]
-        writer.add(chunks, doc.doc_id)
-        pad = chunks.size - len(ids) - 1  # The rest of the last chunk.
-        for c in (counts, part):
-          c["num_documents"] += 1
-          c["num_chunks"] += len(chunks)
-          c["num_tokens"] += len(ids)
-          c["pad_tokens"] += pad
-        counts["text_bytes"] += nbytes
-        counts["short_documents"] += len(ids) < chunk_size
+    for doc, ids, nbytes in shard_writer.tokenized_documents(
+        part_docs, sp, skipped, seen_ids, bar.update):
+      chunks = document_chunks(np.asarray(ids, np.int32),
+                               chunk_size)  # [c, m]
+      writer.add(chunks, doc.doc_id,
+                 shard_writer.document_record(doc, nbytes))
+      pad = chunks.size - len(ids) - 1  # The rest of the last chunk.
+      for c in (counts, part):
+        c["num_documents"] += 1
+        c["num_chunks"] += len(chunks)
+        c["num_tokens"] += len(ids)
+        c["pad_tokens"] += pad
+      counts["text_bytes"] += nbytes
+      counts["short_documents"] += len(ids) < chunk_size
     parts.append(part)
   writer.flush()
   bar.close()
@@ -352,6 +259,13 @@ def embedding_plan(db_dir: str, embedder, dtype: str = "float32"
   """
   if dtype not in EMBEDDING_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {EMBEDDING_DTYPES}")
+  manifest = fmt.read_json(os.path.join(db_dir, fmt.MANIFEST))
+  if manifest is not None and manifest.get("edits"):
+    # An edited DB's shards are those of its manifest, all embedded (an
+    # edit embeds what it adds); build.json describes the DB as built.
+    shards = manifest["shards"]
+    return {"todo": [], "done": list(range(len(shards))),
+            "num_chunks": {i: s["num_chunks"] for i, s in enumerate(shards)}}
   build = load_build(db_dir)
   want = {"name": embedder.name, "fingerprint": embedder.fingerprint,
           "dtype": dtype}
@@ -371,6 +285,22 @@ def embedding_plan(db_dir: str, embedder, dtype: str = "float32"
     else:
       todo.append(i)
   return {"todo": todo, "done": done, "num_chunks": sizes}
+
+
+def embed_shard_dir(sdir: str, sp, embedder, batch_size: int = 256,
+                    dtype: str = "float32", bar=None) -> int:
+  """Embeds the shard in directory `sdir` (its chunk files complete),
+  whatever its name: what an edit that adds documents runs on its new
+  shards. Returns the number of chunks embedded."""
+  problem = fmt.chunks_problem(sdir, verify=True)
+  if problem:
+    raise fmt.IncompleteDBError(f"{sdir}: {problem}")
+  chunks = fmt.read_json(os.path.join(sdir, fmt.CHUNKS_RECORD))
+  want = {"embedder": {"name": embedder.name,
+                       "fingerprint": embedder.fingerprint}, "dtype": dtype}
+  _embed_shard(sdir, chunks, sp, embedder, want, batch_size,
+               bar if bar is not None else tqdm.tqdm(disable=True))
+  return chunks["num_chunks"]
 
 
 def embed_shard(db_dir: str, index: int, embedder, batch_size: int = 256,

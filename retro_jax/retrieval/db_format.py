@@ -14,12 +14,19 @@ that is itself written last:
   shards/shard-00000/         one directory per shard, filled by one worker:
     tokens.npy                int32 [n, m], 0-padded
     doc_ids.npy               int64 [n]
-    chunks.json               sha256 + size of the two files above (last)
+    documents.jsonl           one line per document with chunks in the
+                              shard, in row order: doc_id, source (path or
+                              URL), title, meta, bytes (absent in DBs built
+                              before attribution: their sources are unknown)
+    chunks.json               sha256 + size of the files above (last)
     embeddings.npy            float32 | float16 [n, D]
     embeddings.json           its sha256 + size, the embedder fingerprint and
                               the tokens.npy sha256 it was computed from (last)
   manifest.json               written by finalize, last of all; a DB without
-                              it is never served
+                              it is never served. An edit (db_edit.py) writes
+                              new shards under new names and a new index
+                              directory beside the old ones, then replaces
+                              this file: the switch to the edited DB.
 
 A shard is a directory rather than a set of prefixed flat files so that one
 worker's output is one prefix to copy, list or delete (also on object
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from typing import Any, Dict, List, Optional
 
@@ -52,6 +60,8 @@ MANIFEST = "manifest.json"
 SPM_MODEL = "spm.model"
 SHARDS = "shards"
 TOKENS, DOC_IDS, EMBEDDINGS = "tokens.npy", "doc_ids.npy", "embeddings.npy"
+DOCUMENTS = "documents.jsonl"  # Attribution; optional (older DBs lack it).
+INDEX_DIR = "index"  # The index of a built DB; an edited one names its own.
 CHUNKS_RECORD, EMBEDDINGS_RECORD = "chunks.json", "embeddings.json"
 TMP_MARK = files.TMP_MARK  # Temporary names: <final name>.tmp.<pid>.
 
@@ -66,6 +76,46 @@ def shard_name(i: int) -> str:
 
 def shard_dir(db_dir: str, i: int) -> str:
   return os.path.join(db_dir, SHARDS, shard_name(i))
+
+
+def content_version(shards: List[Dict[str, Any]]) -> str:
+  """sha256 of a manifest's shard records (names, chunk counts and every
+  file's sha256): the DB's content version, which any edit changes and
+  which indexes, neighbour tables and caches record."""
+  text = json.dumps(shards, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def index_dir_of(db_dir: str, manifest: Optional[Dict[str, Any]] = None
+                 ) -> str:
+  """The index directory of a DB: the one its manifest names (an edit
+  builds the edited DB's index in a new directory, switched to with the
+  manifest), else <db_dir>/index."""
+  if manifest is None:
+    manifest = read_json(os.path.join(db_dir, MANIFEST)) or {}
+  name = (manifest.get("index") or {}).get("dir") or INDEX_DIR
+  return os.path.join(db_dir, name)
+
+
+def documents_bytes(records: List[Dict[str, Any]]) -> bytes:
+  """A documents.jsonl file: one JSON object per line, keys sorted."""
+  return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
+                 for r in records).encode("utf-8")
+
+
+def read_documents(path: str) -> List[Dict[str, Any]]:
+  """The records of a documents.jsonl file; ValueError naming the file and
+  line when one is not a JSON object with a doc_id."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+        record["doc_id"] = int(record["doc_id"])
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}:{n}: not a document record ({e})") from None
+      out.append(record)
+  return out
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -132,9 +182,11 @@ def chunks_problem(sdir: str, verify: bool) -> Optional[str]:
   record = read_json(os.path.join(sdir, CHUNKS_RECORD))
   if record is None:
     return f"{os.path.basename(sdir)}: chunks not written"
-  for fname in (TOKENS, DOC_IDS):
+  recorded = record.get("files", {})
+  for fname in (TOKENS, DOC_IDS) + ((DOCUMENTS,) if DOCUMENTS in recorded
+                                    else ()):
     problem = file_problem(os.path.join(sdir, fname),
-                           record.get("files", {}).get(fname, {}), verify)
+                           recorded.get(fname, {}), verify)
     if problem:
       return problem
   return None

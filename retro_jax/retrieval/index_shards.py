@@ -32,7 +32,6 @@ Shape glossary:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -41,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from retro_jax.core import files
+from retro_jax.retrieval import db_format as fmt
 from retro_jax.retrieval import index as indexlib
 
 FORMAT = 2  # index.json of a sharded index; a single index.save has none.
@@ -69,8 +69,7 @@ def db_identity(db_or_manifest: Any) -> str:
   """sha256 of the DB's shard records (chunk counts and every file's sha256,
   the embeddings' included): what an index or a table was computed from."""
   manifest = getattr(db_or_manifest, "manifest", db_or_manifest)
-  text = json.dumps(manifest["shards"], sort_keys=True, separators=(",", ":"))
-  return hashlib.sha256(text.encode()).hexdigest()
+  return fmt.content_version(manifest["shards"])  # The DB's content version.
 
 
 def shard_name(j: int) -> str:

@@ -67,7 +67,7 @@ TABLE_JSON = "table.json"
 RECORD = "record.json"
 IDS, DISTS = "ids.npy", "dists.npy"
 PARTIAL = "partial"
-INDEX_DIR = "index"  # The DB's index, <db_dir>/index, unless told otherwise.
+INDEX_DIR = fmt.INDEX_DIR  # A built DB's index; its manifest names it.
 FORMAT = 1
 REBUILD = "python scripts/build_db.py --config=<run config> --stage=table"
 
@@ -328,11 +328,17 @@ class NeighbourTable:
       raise ValueError(f"{path} is missing: the neighbour table was not "
                        f"built or not finished; build it with `{REBUILD}`")
     manifest = fmt.read_json(os.path.join(db_dir, fmt.MANIFEST))
-    if (manifest is None
-        or index_shards.db_identity(manifest) != table["db"]):
+    if manifest is None:
+      raise ValueError(f"{db_dir} is not a finalized DB (no {fmt.MANIFEST})")
+    version = index_shards.db_identity(manifest)
+    if version != table["db"]:
+      edits = manifest.get("edits") or []
+      why = (f"; the DB was edited since ({edits[-1]['summary']})"
+             if edits else "")
       raise ValueError(f"{path} was made for other DB shards than those of "
-                       f"{db_dir}{fix}")
-    index_dir = index_dir or os.path.join(db_dir, INDEX_DIR)
+                       f"{db_dir} (DB version {table['db'][:12]}, the DB is "
+                       f"version {version[:12]}{why}){fix}")
+    index_dir = index_dir or fmt.index_dir_of(db_dir, manifest)
     if (os.path.isfile(os.path.join(index_dir, index_shards.INDEX_JSON))
         and index_shards.identity(index_dir) != table["index"]["sha256"]):
       raise ValueError(f"{path} was made with another index than the one in "

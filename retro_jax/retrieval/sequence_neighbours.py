@@ -66,6 +66,19 @@ def default_spm_path(spm_path: str, db_dir: str) -> str:
   return os.path.join(db_dir, db_format.SPM_MODEL)
 
 
+def _db_key(db_dir: str) -> str:
+  """What a process's open DB is kept under: its folder and manifest bytes,
+  so that a DB edited (or rebuilt) while the process runs is opened again,
+  never served from the files of its earlier version."""
+  path = os.path.join(db_dir, db_format.MANIFEST)
+  try:
+    with open(path, "rb") as f:
+      stamp = db_format.sha256_bytes(f.read())
+  except OSError:
+    stamp = "no manifest"  # Opening it reports why.
+  return f"{os.path.abspath(db_dir)}@{stamp}"
+
+
 def load_retriever(db_dir: str, spm_path: str,
                    embedder: Union[str, Any, None] = "",
                    embed_batch: int = 32) -> Tuple[Retriever, Any]:
@@ -89,7 +102,7 @@ def load_retriever(db_dir: str, spm_path: str,
   else:  # Keyed by what the embedder computes, not by the object.
     which = ("weights", embedder.fingerprint, str(embedder.batch_size))
   db_dir = db_stage.local_dir(db_dir)   # A gs:// DB: its staged copy.
-  key = (os.path.abspath(db_dir), os.path.abspath(spm_path)) + which
+  key = (_db_key(db_dir), os.path.abspath(spm_path)) + which
   with _LOCK:
     if key not in _RESOURCES:
       if isinstance(embedder, str) or embedder is None:
@@ -109,7 +122,7 @@ def load_retriever(db_dir: str, spm_path: str,
 def load_db(db_dir: str) -> dblib.RetrievalDB:
   """The finalized DB at `db_dir`, opened once per process."""
   db_dir = db_stage.local_dir(db_dir)
-  key = os.path.abspath(db_dir)
+  key = _db_key(db_dir)
   with _LOCK:
     if key not in _DBS:
       _DBS[key] = dblib.RetrievalDB.open(db_dir)
@@ -123,7 +136,7 @@ class TableLookup:
   def __init__(self, db_dir: str):
     self.db = load_db(db_dir)
     self.table = NeighbourTable.open(db_dir)
-    self._index_dir = os.path.join(db_dir, build_job.INDEX_DIR)
+    self._index_dir = db_format.index_dir_of(db_dir, self.db.manifest)
     self._searcher = None
 
   @property
@@ -137,7 +150,7 @@ class TableLookup:
 def load_table(db_dir: str) -> TableLookup:
   """The DB's `TableLookup`, opened once per process."""
   db_dir = db_stage.local_dir(db_dir)
-  key = os.path.abspath(db_dir)
+  key = _db_key(db_dir)
   with _LOCK:
     if key not in _TABLES:
       _TABLES[key] = TableLookup(db_dir)
