@@ -28,7 +28,6 @@ See retro_jax/training/loop.py for the loop and configs/base.py for every
 field.
 """
 
-import glob
 import os
 import sys
 import traceback
@@ -39,6 +38,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from retro_jax.core import cli
+from retro_jax.core import platform
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
                                           "Experiment config file.")
@@ -93,28 +93,6 @@ def process_flags_error() -> str:
   return ""
 
 
-# Google's PCI vendor id, and the device ids of its TPU chips (v3 to TPU7x).
-# A GCE VM's virtual NIC also has Google's vendor id, and a CI runner may have
-# /dev/vfio or TPU_* variables for other reasons, so only the chip ids count.
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f",
-                    "0x0076"}
-
-
-def on_tpu_vm() -> bool:
-  """A Cloud TPU VM: a TPU chip is attached through PCI."""
-  for vendor_path in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    folder = os.path.dirname(vendor_path)
-    try:
-      with open(vendor_path) as v, open(os.path.join(folder, "device")) as d:
-        if (v.read().strip() == _GOOGLE_PCI_VENDOR
-            and d.read().strip() in _TPU_PCI_DEVICES):
-          return True
-    except OSError:
-      continue
-  return False
-
-
 def start_distributed(jax) -> None:
   """Joins the run's other processes, if there are any."""
   if _NUM_PROCESSES.value is not None:
@@ -125,7 +103,7 @@ def start_distributed(jax) -> None:
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         heartbeat_timeout_seconds=_HEARTBEAT.value)
   elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto"
-                                      and on_tpu_vm()):
+                                      and platform.tpu_chip_attached()):
     jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
@@ -141,6 +119,7 @@ def main(argv):
   host_memory.keep_freed_memory()  # Before the XLA backend starts.
   cli.quiet_tensorflow()  # Before the data pipeline imports TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
+  platform.use_cpu_without_accelerator()  # No TPU probing on a CPU host.
   start_distributed(jax)
   from retro_jax.data import cache_job  # pylint: disable=g-import-not-at-top
   from retro_jax.training import loop  # pylint: disable=g-import-not-at-top

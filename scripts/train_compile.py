@@ -42,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)  # A topology or setting it cannot take: one line, status 1.
+  # libtpu compiles for the TPU here: jax must keep its TPU plugin.
+  cli.run(main, cpu_without_accelerator=False)  # Bad input: one line, status 1.

@@ -27,6 +27,8 @@ from typing import Callable, List, NoReturn, Optional, Sequence, Tuple, Type
 from absl import app
 from absl import flags
 
+from retro_jax.core import platform
+
 
 # Errors that report bad input (their message names it), not a bug.
 # UnicodeDecodeError is a ValueError; the corpus readers turn it into a
@@ -197,7 +199,12 @@ def reporting_bad_input(main: Callable[[List[str]], None],
 
 
 def run(main: Callable[[List[str]], None],
-        also: Tuple[Type[BaseException], ...] = ()) -> None:
+        also: Tuple[Type[BaseException], ...] = (),
+        cpu_without_accelerator: bool = True) -> None:
   """`app.run` for an entry script: flags parsed by `parse_flags` (a bad
-  flag is one line, status 2) and bad input in one line (status 1)."""
+  flag is one line, status 2) and bad input in one line (status 1). On a
+  host without a TPU or GPU, jax runs on the CPU without probing for TPUs
+  (`platform.use_cpu_without_accelerator`)."""
+  if cpu_without_accelerator:
+    platform.use_cpu_without_accelerator()
   app.run(reporting_bad_input(main, also), flags_parser=parse_flags)
