@@ -18,7 +18,11 @@ neighbours retrieved so far. Both paths draw token t with the key
 
 `make_retrieve(retriever, sp, k)` builds the `retrieve` function from a
 retrieval DB: decode the chunk's tokens, embed with BERT, search, and return
-the neighbours' tokens (chunk + continuation).
+the neighbours' tokens (chunk + continuation) with their DB chunk ids and
+distances (`Retrieved`), which `Generation` keeps per chunk so that every
+continuation can be traced to the DB chunks, and so the documents, it was
+conditioned on. A `retrieve` may also return the bare tokens [B, k, r]; its
+chunks' ids are then unknown (-1).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import haiku as hk
 import jax
@@ -37,7 +41,18 @@ from retro_jax.model import neighbour_alignment
 from retro_jax.model.decoding import Decoder
 from retro_jax.model.network import Retro
 
-RetrieveFn = Callable[[np.ndarray], np.ndarray]  # [B, m] -> int32 [B, k, r]
+
+
+class Retrieved(NamedTuple):
+  """The neighbours of one chunk per row, and which DB chunks they are."""
+
+  values: np.ndarray  # int32 [B, k, r]: chunk + continuation tokens.
+  ids: np.ndarray  # int64 [B, k]: DB chunk ids; -1 = no neighbour.
+  distances: np.ndarray  # float32 [B, k]: squared L2; +inf where ids is -1.
+
+
+# Chunk tokens [B, m] -> neighbour tokens int32 [B, k, r], or `Retrieved`.
+RetrieveFn = Callable[[np.ndarray], Union[np.ndarray, Retrieved]]
 
 
 @dataclasses.dataclass
@@ -46,8 +61,16 @@ class Generation:
 
   tokens: np.ndarray  # int32 [B, P + G]: prompt then samples.
   prompt_len: int  # P.
-  neighbours: List[np.ndarray]  # Per completed chunk u: int32 [B, k, r].
+  # Per completed chunk u: int32 [B, k, r], as the model read them (after
+  # neighbour alignment, when the model aligns).
+  neighbours: List[np.ndarray]
   seconds: float  # Wall time of the generation loop.
+  # Per completed chunk u: the DB chunks behind `neighbours[u]`, int64
+  # [B, k] (-1: none, or a `retrieve` that returned bare tokens), and their
+  # squared L2 distances, float32 [B, k] (NaN where unknown).
+  neighbour_ids: List[np.ndarray] = dataclasses.field(default_factory=list)
+  neighbour_distances: List[np.ndarray] = dataclasses.field(
+      default_factory=list)
 
   @property
   def generated(self) -> np.ndarray:
@@ -80,19 +103,37 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float,
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_retrieve(retriever, sp, k: int) -> RetrieveFn:
+def make_retrieve(retriever, sp, k: int) -> Callable[[np.ndarray],
+                                                     Retrieved]:
   """A `retrieve` function over a retrieval DB.
 
   Args:
     retriever: `retrieval.neighbours.Retriever` (embedder, index, DB values).
     sp: the SentencePiece processor of the model (and of the DB).
     k: neighbours per chunk.
+  Returns:
+    chunk tokens [B, m] -> `Retrieved` (tokens [B, k, r], ids, distances).
   """
-  def retrieve(chunks: np.ndarray) -> np.ndarray:
+  def retrieve(chunks: np.ndarray) -> Retrieved:
     texts = [sp.decode([int(t) for t in row if t > 0]) for row in chunks]
-    _, values = retriever.retrieve_texts(texts, k)  # [B, k, r]
-    return np.asarray(values, np.int32)
+    found, values = retriever.retrieve_texts(texts, k)  # [B, k], [B, k, r]
+    return Retrieved(np.asarray(values, np.int32),
+                     np.asarray(found.ids, np.int64),
+                     np.asarray(found.dists, np.float32))
   return retrieve
+
+
+def as_retrieved(got: Union[np.ndarray, Retrieved]) -> Retrieved:
+  """`Retrieved` from what a `retrieve` returned: bare tokens [B, k, r]
+  get unknown ids (-1) and distances (NaN)."""
+  if isinstance(got, Retrieved):
+    return Retrieved(np.asarray(got.values, np.int32),
+                     np.asarray(got.ids, np.int64),
+                     np.asarray(got.distances, np.float32))
+  values = np.asarray(got, np.int32)
+  shape = values.shape[:2]
+  return Retrieved(values, np.full(shape, -1, np.int64),
+                   np.full(shape, np.nan, np.float32))
 
 
 class Sampler:
@@ -142,8 +183,9 @@ class Sampler:
       params: the model's parameters.
       prompt: int [B, P] prompt token ids (no padding).
       num_tokens: G, tokens to generate.
-      retrieve: chunk tokens [B, m] -> neighbours int32 [B, k, r]; None
-        disables retrieval.
+      retrieve: chunk tokens [B, m] -> neighbours int32 [B, k, r] or
+        `Retrieved` (with their DB chunk ids, kept in the Generation);
+        None disables retrieval.
       temperature, top_k, top_p: see `sample_logits` (0 = greedy).
       rng: PRNG key for sampling (default key 0).
       use_cache: False runs the full forward on the prefix at every step
@@ -164,19 +206,27 @@ class Sampler:
     rng = jax.random.key(0) if rng is None else rng
     sampling = (float(temperature), int(top_k), float(top_p))
     neighbours: List[np.ndarray] = []
+    neighbour_ids: List[np.ndarray] = []
+    neighbour_distances: List[np.ndarray] = []
 
     def boundary_neighbours(pos: int) -> Optional[np.ndarray]:
       """Retrieves for chunk pos // m if position pos completes it."""
       if retrieve is None or (pos + 1) % m:
         return None
-      nb = np.asarray(retrieve(tokens[:, pos + 1 - m:pos + 1]), np.int32)
+      got = as_retrieved(retrieve(tokens[:, pos + 1 - m:pos + 1]))
+      nb = got.values
       if nb.shape != (b, c.num_neighbours, c.neighbour_len):
         raise ValueError(f"retrieve returned {nb.shape}, expected "
                          f"{(b, c.num_neighbours, c.neighbour_len)}")
+      if got.ids.shape != nb.shape[:2]:
+        raise ValueError(f"retrieve returned ids {got.ids.shape} for "
+                         f"neighbours {nb.shape}")
       if c.neighbour_alignment:  # Kept as the model reads them.
         nb = np.asarray(neighbour_alignment.align_chunk(
             tokens[:, pos + 1 - m:pos + 1], nb, c.neighbour_alignment))
       neighbours.append(nb)
+      neighbour_ids.append(got.ids)
+      neighbour_distances.append(got.distances)
       return nb
 
     t0 = time.perf_counter()
@@ -217,7 +267,9 @@ class Sampler:
         if max_steps and steps >= max_steps:
           break
     return Generation(tokens=tokens, prompt_len=p, neighbours=neighbours,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0,
+                      neighbour_ids=neighbour_ids,
+                      neighbour_distances=neighbour_distances)
 
 
 @functools.lru_cache(maxsize=8)
