@@ -58,11 +58,12 @@ from retro_jax.core import files
 from retro_jax.evaluation import leakage as leakage_lib
 from retro_jax.evaluation import loaded_run
 from retro_jax.evaluation import report
+from retro_jax.evaluation import result_files
 from retro_jax.retrieval import db_format
 from retro_jax.retrieval import sequence_neighbours
 
 
-NO_DB = "nodb"  # The DB identity of an evaluation that reads none.
+NO_DB = result_files.NO_DB  # The DB identity of an evaluation that reads none.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ def db_identity(db_dir: str) -> str:
   if not manifest.is_file():
     raise ValueError(f"{db_dir} is not a finalized retrieval DB (no "
                      f"{db_format.MANIFEST})")
-  return "db-" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+  return result_files.db_identity(db_dir)
 
 
 @dataclasses.dataclass
