@@ -15,6 +15,9 @@ import dataclasses
 from typing import Any, Mapping, Optional, Tuple
 
 DTYPES = ("float32", "bfloat16")
+# RetroConfig.attention: which attention kernels the whole-sequence forward
+# uses (model/fused_attention.py resolves "auto").
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 
 # Token ids every part of retro_jax agrees on (T5 / seqio convention): the
 # SentencePiece vocabularies are trained with them, the DB pads chunks with
@@ -83,6 +86,7 @@ class RetroConfig:
                                      # layers: faster compiles of deep models.
   attention_block: int = 128         # Query block of causal self-attention;
                                      # fully masked key blocks are skipped.
+  attention: str = "auto"            # auto|reference|xla|cudnn kernels.
 
   def __post_init__(self):
     self.validate()
@@ -115,6 +119,11 @@ class RetroConfig:
     need(self.compute_dtype in DTYPES, "compute_dtype", f"one of {DTYPES}")
     need(self.remat in ("none", "full", "dots"), "remat",
          "one of none, full, dots")
+    need(self.attention in ATTENTION_IMPLS, "attention",
+         f"one of {', '.join(ATTENTION_IMPLS)}")
+    # cuDNN's flash attention takes fp16/bf16 operands only.
+    need(self.attention != "cudnn" or self.compute_dtype == "bfloat16",
+         "attention", "cudnn needs compute_dtype='bfloat16'")
     need(self.head_dim % 2 == 0, "head_dim", "rotary needs an even head_dim")
     need(self.enc_head_dim % 2 == 0, "enc_head_dim",
          "rotary needs an even head_dim")

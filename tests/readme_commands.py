@@ -51,6 +51,8 @@ def doc_files():
   return ["README.md"] + docs
 # scripts/launch_tpu.sh NAME ZONE ACCELERATOR [train flags]: forwarded flags.
 FORWARDS = {"scripts/launch_tpu.sh": ("scripts/train.py", 3)}
+# Scripts that import another script's flags along with its code.
+INCLUDES = {"scripts/gpu_check.py": ("benchmarks/accelerator.py",)}
 # absl's special flags, handled by FlagValues itself.
 _ABSL_SPECIAL = ("flagfile", "undefok")
 
@@ -102,6 +104,8 @@ def script_flags(script):
     short = kwargs.get("short_name")
     if isinstance(short, ast.Constant):
       found[short.value] = spec
+  for other in INCLUDES.get(script, ()):
+    found = {**script_flags(other), **found}
   return found
 
 

@@ -18,8 +18,9 @@ of, so with S fixed the batches, hence the run, are the same on 1, 2, ... S
 processes (the synthetic sources are so already: each host cuts its rows
 out of the global batch).
 
-`config.data.record_rows` makes each host append what it read to
-`<workdir>/rows/process_<i>.jsonl` (`recording`), to check the sharding.
+`config.data.record_rows` makes each host append what it trained on to
+`<workdir>/rows/process_<i>.jsonl` (`rows_record`, one line per step), to
+check the sharding.
 
 Sources (`config.data.source`):
   synthetic  tokens from a fixed random bigram chain (learnable, so the loss
@@ -242,18 +243,33 @@ def row_fingerprint(tokens: np.ndarray) -> str:
       :16]
 
 
+def rows_record(step: int, batch: Batch) -> dict:
+  """The rows record of one batch: {"step": the step it trains (the state
+  goes from step to step + 1), "rows": `row_fingerprint` of each row}."""
+  return {"step": int(step),
+          "rows": [row_fingerprint(t) for t in batch["tokens"]]}
+
+
+def append_record(path: str, record: dict) -> None:
+  """Appends one rows record to the local file `path` as a JSON line."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:   # Whole lines, flushed:
+    f.write(json.dumps(record) + "\n")           # a kill -9 loses none.
+
+
 def recording(source: DataSource, path: str) -> DataSource:
-  """`source`, also appending to the local file `path` one JSON line per
-  batch it yields: {"step": the step the batch trains (the state goes from
-  step to step + 1), "rows": `row_fingerprint` of each row}. A resumed run
-  appends again from its start step, so the last line of a step counts."""
+  """`source`, also appending to the local file `path` one `rows_record`
+  line per batch it yields, when it yields it. A resumed run appends again
+  from its start step, so the last line of a step counts.
+
+  The training loop reads ahead of the step (training/prefetch.py), so it
+  does not wrap its source in this: it takes `rows_record` in the reading
+  thread and appends it when the step takes the batch, so the file holds
+  exactly the batches that were trained on."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
 
   def iterate(start_step: int) -> Iterator[Batch]:
     for step, batch in enumerate(source(start_step), start_step):
-      line = {"step": step,
-              "rows": [row_fingerprint(t) for t in batch["tokens"]]}
-      with open(path, "a", encoding="utf-8") as f:   # Whole lines, flushed:
-        f.write(json.dumps(line) + "\n")            # a kill -9 loses none.
+      append_record(path, rows_record(step, batch))
       yield batch
   return iterate

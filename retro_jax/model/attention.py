@@ -18,6 +18,10 @@ Masking convention: `key_valid` marks keys that exist (neighbour tokens that
 are not padding). A query whose keys are all invalid gets an output of exactly
 zero, so a chunk without any neighbour adds nothing through its CCA residual
 and the network behaves as if that CCA layer were absent.
+
+Two paths compute the same thing with the same parameters (the layers'
+`attention` field): the reference one here, head-major with its own VJP,
+and fused_attention.py's jax.nn.dot_product_attention, token-major.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from retro_jax.model import fused_attention
 
 _NEG_INF = -1e30  # Finite: a fully masked row must not produce NaN.
 
@@ -56,17 +62,24 @@ def rope_table(num_positions: int, dim: int,
 
 
 def rope(x: jax.Array, positions, base: float,
-         num_positions: Optional[int] = None) -> jax.Array:
+         num_positions: Optional[int] = None,
+         seq_axis: int = -2) -> jax.Array:
   """Rotary position embedding, half-split layout.
 
   Args:
-    x: [..., T, K] queries or keys, head-major (heads among the leading dims).
+    x: [..., T, K] queries or keys, head-major (heads among the leading
+      dims), or with `seq_axis=-3` token-major [..., T, H, K].
     positions: [T] integer positions: a numpy array (static, the usual case:
       the table rows become constants) or a traced array (decoding), which
       then needs `num_positions`, an upper bound on its values.
     base: rotary base frequency.
     num_positions: table size for traced positions.
+    seq_axis: the axis of x that `positions` run along, counted from the
+      end (-2 or -3): the fused path rotates token-major arrays in place
+      rather than transposing them.
   """
+  if seq_axis > -2:
+    raise ValueError(f"rope: seq_axis must be -2 or lower, got {seq_axis}")
   half = x.shape[-1] // 2
   if isinstance(positions, np.ndarray):
     cos, sin = rope_table(int(positions.max()) + 1, x.shape[-1], base)
@@ -76,9 +89,11 @@ def rope(x: jax.Array, positions, base: float,
       raise ValueError("rope: traced positions need num_positions")
     table = rope_table(num_positions, x.shape[-1], base)
     cos, sin = (jnp.take(t, positions, axis=0) for t in table)  # [T, K/2]
-  cos = jnp.asarray(cos, x.dtype)  # [T, K/2]
-  sin = jnp.asarray(sin, x.dtype)  # [T, K/2]
-  x1, x2 = x[..., :half], x[..., half:]  # [..., T, K/2]
+  # [T, K/2], or [T, 1, ..., K/2] aligned with x's axes after T.
+  shape = (cos.shape[0],) + (1,) * (-seq_axis - 2) + (half,)
+  cos = jnp.asarray(cos.reshape(shape), x.dtype)
+  sin = jnp.asarray(sin.reshape(shape), x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]  # [..., T, (H,) K/2]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
@@ -275,6 +290,9 @@ class SelfAttention(hk.Module):
   causal: bool
   rope_base: float
   block: int = 128
+  # "reference" (attend / causal_attend) or a fused_attention implementation
+  # ("xla", "cudnn"), already resolved; `decode` always runs the reference.
+  attention: str = "reference"
   name: Optional[str] = None
 
   def __call__(self, x: jax.Array,
@@ -283,6 +301,8 @@ class SelfAttention(hk.Module):
     d, h, kd = x.shape[-1], self.num_heads, self.head_dim
     w_qkv = param("w_qkv", [d, 3, h, kd], d, x.dtype)  # [D, 3, H, K]
     w_o = param("w_o", [h, kd, d], h * kd, x.dtype)  # [H, K, D]
+    if self.attention != "reference":
+      return self._fused(x, w_qkv, w_o, key_valid)
     qkv = heads_first(dense(x, w_qkv), groups=3)  # [3, B, H, T, K]
     pos = np.arange(x.shape[1])
     q = rope(qkv[0], pos, self.rope_base) * (kd ** -0.5)  # [B, H, T, K]
@@ -294,9 +314,25 @@ class SelfAttention(hk.Module):
       out = attend(q, k, v, key_valid=key_valid)  # [B, H, T, K]
     return dense(heads_last(out), w_o, 2)  # [B, T, D]
 
+  def _fused(self, x, w_qkv, w_o, key_valid):
+    """__call__ through fused_attention, token-major throughout: no
+    transposes to or from the head-major layout."""
+    qkv = dense(x, w_qkv)  # [B, T, 3, H, K]
+    pos = np.arange(x.shape[1])
+    q = rope(qkv[:, :, 0], pos, self.rope_base, seq_axis=-3) * (
+        self.head_dim ** -0.5)  # [B, T, H, K]
+    k = rope(qkv[:, :, 1], pos, self.rope_base, seq_axis=-3)  # [B, T, H, K]
+    # As on the reference path, a causal layer takes no key mask.
+    out = fused_attention.attend(
+        q, k, qkv[:, :, 2], self.attention, causal=self.causal,
+        key_valid=None if self.causal else key_valid)  # [B, T, H, K]
+    return dense(out, w_o, 2)  # [B, T, D]
+
   def decode(self, x: jax.Array, pos: jax.Array, k_cache: jax.Array,
              v_cache: jax.Array):
-    """One causal step against a key/value cache (same parameters).
+    """One causal step against a key/value cache (same parameters), on the
+    reference path whatever `attention` says: a single query row gains
+    nothing from a fused kernel.
 
     Args:
       x: [B, 1, D] the normalised activation of the token at `pos`.

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax.model import fused_attention
 from retro_jax.model.attention import attend
 from retro_jax.model.attention import dense
 from retro_jax.model.attention import dense_init
@@ -62,6 +63,9 @@ class ChunkedCrossAttention(hk.Module):
   zero_init_out: bool = False
   qk_bias: bool = False
   copy_init: bool = False
+  # "reference" or a resolved fused_attention implementation ("xla",
+  # "cudnn") for __call__; `decode` always runs the reference path.
+  attention: str = "reference"
   name: Optional[str] = None
 
   def _kv_out(self, e: int, d: int, dtype):
@@ -120,18 +124,43 @@ class ChunkedCrossAttention(hk.Module):
     shifted = jnp.pad(shifted, ((0, 0), (0, span - shifted.shape[1]), (0, 0)))
     shifted = shifted.reshape(b, l, m, d)  # [B, L, m, D]
     b_q, b_k = self._biases(x.dtype)  # [H, 1, K]
-    q = heads_first(dense(shifted, w_q)) + b_q  # [B, L, H, m, K]
-    q = rope(q, np.arange(m), self.rope_base) * (kd ** -0.5)
     mem = encoded.reshape(b, l, nk * r, e)  # [B, L, kr, E]
-    kv = heads_first(dense(mem, w_kv), groups=2)  # [2, B, L, H, kr, K]
     key_pos = np.tile(np.arange(r), nk)  # [kr]
-    keys = rope(kv[0] + b_k, key_pos, self.rope_base)  # [B, L, H, kr, K]
     valid = neighbour_valid.reshape(b, l, nk * r)  # [B, L, kr]
-    out = attend(q, keys, kv[1], key_valid=valid)  # [B, L, H, m, K]
-    out = dense(heads_last(out), w_o, 2)  # [B, L, m, D]
+    if self.attention != "reference":
+      out = self._fused(shifted, mem, key_pos, valid, w_q, w_kv, w_o, b_q,
+                        b_k)  # [B, L, m, D]
+    else:
+      q = heads_first(dense(shifted, w_q)) + b_q  # [B, L, H, m, K]
+      q = rope(q, np.arange(m), self.rope_base) * (kd ** -0.5)
+      kv = heads_first(dense(mem, w_kv), groups=2)  # [2, B, L, H, kr, K]
+      keys = rope(kv[0] + b_k, key_pos, self.rope_base)  # [B, L, H, kr, K]
+      out = attend(q, keys, kv[1], key_valid=valid)  # [B, L, H, m, K]
+      out = dense(heads_last(out), w_o, 2)  # [B, L, m, D]
     out = out.reshape(b, span, d)[:, :n - m + 1]  # [B, <= N-m+1, D]
     return jnp.pad(out, ((0, 0), (m - 1, n - m + 1 - out.shape[1]),
                          (0, 0)))  # [B, N, D]
+
+  def _fused(self, shifted, mem, key_pos, valid, w_q, w_kv, w_o, b_q, b_k):
+    """The attention of __call__ through fused_attention, token-major: the
+    same parameters (the [H, 1, K] biases read as [H, K]), no transposes to
+    or from the head-major layout.
+
+    shifted: [B, L, m, D]; mem: [B, L, kr, E]; key_pos: [kr] numpy;
+    valid: bool [B, L, kr]. Returns [B, L, m, D].
+    """
+    m, h, kd = self.chunk_size, self.num_heads, self.head_dim
+    if self.qk_bias:
+      b_q, b_k = b_q.reshape(h, kd), b_k.reshape(h, kd)  # [H, K]
+    q = dense(shifted, w_q) + b_q  # [B, L, m, H, K]
+    q = rope(q, np.arange(m), self.rope_base,
+             seq_axis=-3) * (kd ** -0.5)  # [B, L, m, H, K]
+    kv = dense(mem, w_kv)  # [B, L, kr, 2, H, K]
+    keys = rope(kv[..., 0, :, :] + b_k, key_pos, self.rope_base,
+                seq_axis=-3)  # [B, L, kr, H, K]
+    out = fused_attention.attend(q, keys, kv[..., 1, :, :], self.attention,
+                                 key_valid=valid)  # [B, L, m, H, K]
+    return dense(out, w_o, 2)  # [B, L, m, D]
 
   def decode_memory(self, encoded: jax.Array, neighbour_valid: jax.Array):
     """Keys and values of one chunk's encoded neighbours, for `decode`.
@@ -153,7 +182,9 @@ class ChunkedCrossAttention(hk.Module):
 
   def decode(self, x: jax.Array, pos: jax.Array, keys: jax.Array,
              values: jax.Array, valid: jax.Array) -> jax.Array:
-    """CCA of the single token at `pos` (same parameters as `__call__`).
+    """CCA of the single token at `pos` (same parameters as `__call__`), on
+    the reference path whatever `attention` says (one query row; the caches
+    are head-major).
 
     Position p attends to the neighbours of chunk (p - m + 1) // m, at query
     offset (p + 1) % m; `keys`/`values` must be that chunk's `decode_memory`
@@ -187,6 +218,8 @@ class NeighbourCrossAttention(hk.Module):
 
   num_heads: int
   head_dim: int
+  # "reference" or a resolved fused_attention implementation.
+  attention: str = "reference"
   name: Optional[str] = None
 
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -197,6 +230,12 @@ class NeighbourCrossAttention(hk.Module):
     w_q = param("w_q", [e, h, kd], e, x.dtype)  # [E, H, K]
     w_kv = param("w_kv", [d, 2, h, kd], d, x.dtype)  # [D, 2, H, K]
     w_o = param("w_o", [h, kd, e], h * kd, x.dtype)  # [H, K, E]
+    if self.attention != "reference":  # Token-major, no transposes.
+      q = dense(x, w_q) * (kd ** -0.5)  # [B, L, kr, H, K]
+      kv = dense(context, w_kv)  # [B, L, m, 2, H, K]
+      out = fused_attention.attend(q, kv[..., 0, :, :], kv[..., 1, :, :],
+                                   self.attention)  # [B, L, kr, H, K]
+      return dense(out, w_o, 2)  # [B, L, kr, E]
     q = heads_first(dense(x, w_q)) * (kd ** -0.5)  # [B, L, H, kr, K]
     kv = heads_first(dense(context, w_kv), groups=2)  # [2, B, L, H, m, K]
     out = attend(q, kv[0], kv[1])  # [B, L, H, kr, K]

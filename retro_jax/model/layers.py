@@ -22,6 +22,7 @@ from retro_jax.config import RetroConfig
 from retro_jax.core import sharding
 from retro_jax.model import attention
 from retro_jax.model import cross_attention
+from retro_jax.model import fused_attention
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -78,6 +79,9 @@ class NeighbourEncoder(hk.Module):
   def __init__(self, cfg: RetroConfig, name: Optional[str] = "encoder"):
     super().__init__(name=name)
     self.cfg = cfg
+    # Resolved here, at trace time, as stack.decoder_logits does for the
+    # decoder: one choice for the whole network.
+    self.attention = fused_attention.resolve_config(cfg)
 
   def __call__(self, x: jax.Array, valid: jax.Array,
                context: jax.Array) -> jax.Array:
@@ -108,14 +112,16 @@ class NeighbourEncoder(hk.Module):
       with hk.experimental.name_scope(f"layer_{i:02d}"):
         x = x + attention.SelfAttention(
             c.enc_num_heads, c.enc_head_dim, causal=False,
-            rope_base=c.rope_base, name="self_attention")(
+            rope_base=c.rope_base, attention=self.attention,
+            name="self_attention")(
                 attention.RMSNorm(c.norm_eps, name="attn_norm")(x),
                 key_valid=flat_valid)  # [BLk, r, E]
         if i + 1 in c.enc_cross_attention_layers:
           q = attention.RMSNorm(c.norm_eps, name="cross_norm")(x)
           kv = attention.RMSNorm(c.norm_eps, name="context_norm")(ctx)
           y = cross_attention.NeighbourCrossAttention(
-              c.enc_num_heads, c.enc_head_dim, name="cross_attention")(
+              c.enc_num_heads, c.enc_head_dim, attention=self.attention,
+              name="cross_attention")(
                   q.reshape(b, l, nk * r, e), kv)  # [B, L, kr, E]
           x = x + y.reshape(b * l * nk, r, e)
         x = x + MLP(c.enc_d_ff, name="mlp")(

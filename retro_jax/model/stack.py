@@ -36,6 +36,7 @@ from retro_jax.config import PAD_ID, RetroConfig, dtype_of
 from retro_jax.core import sharding
 from retro_jax.model import attention
 from retro_jax.model import cross_attention
+from retro_jax.model import fused_attention
 from retro_jax.model.layers import MLP, NeighbourEncoder, embed_neighbours
 
 # What a mode keeps for one run of layers between calls (None when it keeps
@@ -131,11 +132,16 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
     valid = mode.neighbours != PAD_ID  # [B, L, k, r]
     nb = embed_neighbours(cfg, table, mode.neighbours)  # [B, L, k, r, E]
 
+  # "auto" resolved now, at trace time: on the backend the program is
+  # traced on (the reference path on a CPU host compiling for TPU).
+  impl = fused_attention.resolve_config(cfg)
+
   def self_attention_block(x, cache):                           # [B, T, D]
     h = attention.RMSNorm(cfg.norm_eps, name="attn_norm")(x)
     out, cache = mode.self_attention(attention.SelfAttention(
         cfg.num_heads, cfg.head_dim, causal=True, rope_base=cfg.rope_base,
-        block=cfg.attention_block, name="self_attention"), h, cache)
+        block=cfg.attention_block, attention=impl, name="self_attention"),
+        h, cache)
     return x + out, cache
 
   def mlp_block(x):                                             # [B, T, D]
@@ -157,7 +163,8 @@ def decoder_logits(cfg: RetroConfig, tokens: jax.Array, mode: Mode,
       h = attention.RMSNorm(cfg.norm_eps, name="cca_norm")(x)
       out, cache = mode.cross_attention(cross_attention.ChunkedCrossAttention(
           cfg.num_heads, cfg.head_dim, cfg.chunk_size, cfg.rope_base,
-          cfg.zero_init_cca, cfg.cca_qk_bias, cfg.cca_copy_init, name="cca"),
+          cfg.zero_init_cca, cfg.cca_qk_bias, cfg.cca_copy_init, impl,
+          name="cca"),
           h, encoded, valid, cache)
       x = x + out                                               # [B, T, D]
     return mlp_block(x), cache, encoded

@@ -8,7 +8,9 @@ its own data shard; process 0 writes metrics):
   ─► abstract state + shardings (jax.eval_shape; nothing allocated)
   ─► restore the latest checkpoint onto this mesh, or initialise in place
      (jitted init with out_shardings), RETROfit: graft a baseline's weights
-  ─► loop: host batch ─► global array ─► jitted step (state donated)
+  ─► loop: global arrays placed one or two steps ahead by a background
+     thread (prefetch.py: host batch ─► device_put) ─► jitted step (state
+     donated)
      metrics one step behind (the device never waits for the host), NaN/inf
      stops the run, checkpoints every N steps, SIGTERM saves and returns
   ─► final checkpoint.
@@ -19,6 +21,7 @@ bit for bit, so a restarted run replays the same computation.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import signal
@@ -38,6 +41,7 @@ from retro_jax.model import flops
 from retro_jax.model.network import Retro
 from retro_jax.training import checkpoints
 from retro_jax.training import metrics as metrics_lib
+from retro_jax.training import prefetch
 from retro_jax.training import retrofit
 from retro_jax.training import run_config
 from retro_jax.training import step as step_lib
@@ -167,7 +171,8 @@ class _SigtermFlag:
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           source: Optional[train_sources.DataSource] = None,
-          devices=None) -> Dict[str, Any]:
+          devices=None,
+          prefetch_depth: int = prefetch.DEPTH) -> Dict[str, Any]:
   """Trains (or resumes) the run in `workdir`.
 
   Args:
@@ -176,6 +181,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     source: `start_step -> iterator` of host batches (default: the one
       `config.data.source` names).
     devices: the mesh's devices (default: all).
+    prefetch_depth: batches read and placed on the devices ahead of the
+      step by a background thread (prefetch.py); 0 reads each in the loop's
+      thread, just before its step.
   Returns:
     {"status": "done" | "preempted", "step", "metrics" (last logged),
      "state" (the final TrainState)}.
@@ -197,8 +205,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 host_batch_size=tc.batch_size // num_shards)
   batch_abs = abstract_batch(cfg, tc.batch_size, tc.seq_len)
   source = source or train_sources.make_source(config, mesh)
-  if config.data.record_rows:
-    source = train_sources.recording(source, rows_path(workdir))
+  # The rows record holds what each step trained on. The source is read
+  # ahead of the step, so the record is taken where the batch is read (the
+  # reading thread, in order) and appended only when the step takes it: a
+  # run that stops leaves no line for a batch it read but did not train.
+  record_path = rows_path(workdir) if config.data.record_rows else None
 
   model = Retro(cfg)
   schedule = step_lib.make_schedule(tc.learning_rate, tc.warmup_steps,
@@ -250,9 +261,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       num_devices=jax.device_count(), schedule=schedule)
   summary = {"status": "done", "metrics": {}}
   step = start
+  steps_read = itertools.count(start)   # The reading thread's count.
+
+  def place(host_batch):
+    """(rows record or None, global arrays): runs in the reading thread."""
+    record = (train_sources.rows_record(next(steps_read), host_batch)
+              if record_path else None)
+    return record, prefetch.place_batch(host_batch, mesh, batch_abs)
+
   try:
-    with _SigtermFlag() as sigterm, jax.set_mesh(mesh):
-      batches = source(start)
+    # Leaving the block in any way (done, an error, a SIGTERM break) stops
+    # the reading thread before the checkpointer is closed.
+    with _SigtermFlag() as sigterm, jax.set_mesh(mesh), prefetch.Prefetcher(
+        source(start), place, depth=prefetch_depth) as batches:
       pending = None   # (step, device metrics) of the previous step.
 
       def settle(item):
@@ -274,9 +295,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           summary["metrics"] = logger.write(at)
 
       while step < tc.steps:
-        host_batch = next(batches)
-        batch = sharding.global_batch(
-            {k: host_batch[k] for k in batch_abs}, mesh)
+        record, batch = next(batches)   # Already on the devices.
+        if record is not None:
+          train_sources.append_record(record_path, record)
         state, metrics = step_fn(state, batch)
         step += 1
         if pending is not None:
@@ -307,8 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def rows_path(workdir: str, process: Optional[int] = None) -> str:
-  """Where a process (default: this one) records the rows it read
-  (`config.data.record_rows`); a local workdir only."""
+  """Where a process (default: this one) records the rows each step trained
+  on (`config.data.record_rows`); a local workdir only."""
   process = jax.process_index() if process is None else process
   path = run_config.workdir_path(workdir, "rows", f"process_{process}.jsonl")
   if not files.is_local(str(path)):

@@ -77,7 +77,10 @@ def parse_slice(name: str) -> Tuple[int, int]:
 
 def abstract_mesh(axes: Mapping[str, int], num_devices: int) -> AbstractMesh:
   sizes = sharding.mesh_shape(axes, num_devices)
-  return AbstractMesh(sizes, sharding.MESH_AXES)
+  # Auto axes, as make_mesh builds the real mesh: jax after 0.11.0 makes an
+  # AbstractMesh without axis_types Explicit.
+  auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
+  return AbstractMesh(sizes, sharding.MESH_AXES, axis_types=auto)
 
 
 def _shard_bytes(leaf, spec, mesh) -> int:

@@ -22,53 +22,16 @@ import time
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
 
-# Dense bf16 peak FLOP/s of one JAX device, by `device_kind` prefix (a TPU
-# v4/v5p/v6e device is a chip; v2/v3 devices are single TensorCores).
-PEAK_FLOPS = (
-    ("TPU v2", 22.5e12),
-    ("TPU v3", 61.5e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12),
-    ("NVIDIA A100", 312e12),
-)
+from retro_jax.core import accelerators
 
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-  """Best float32 FLOP/s of an n^3 jitted matmul on the default device."""
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
-
-
-def device_peak_flops(override: float = 0.0) -> float:
-  """Peak FLOP/s of one device: `override` if set, the table above for known
-  accelerators, else a measured float32 matmul (CPU)."""
-  if override > 0:
-    return float(override)
-  kind = jax.devices()[0].device_kind
-  for prefix, peak in PEAK_FLOPS:
-    if kind.startswith(prefix):
-      return peak
-  return matmul_peak_flops()
+# The peak table and matmul measurement live in core/accelerators.py (no
+# TensorFlow there: GPU benchmark hosts import it); re-exported here.
+PEAK_FLOPS = accelerators.PEAK_FLOPS
+matmul_peak_flops = accelerators.matmul_peak_flops
+device_peak_flops = accelerators.device_peak_flops
 
 
 def format_duration(seconds: float) -> str:

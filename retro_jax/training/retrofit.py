@@ -26,7 +26,7 @@ from retro_jax.training.step import is_retrieval_module
 # Model fields a baseline may differ in (no parameter depends on them).
 FREE_FIELDS = ("cca_layers", "scan_layers", "remat", "compute_dtype",
                "attention_block", "enc_cross_attention_layers",
-               "zero_init_cca")
+               "zero_init_cca", "attention")
 
 _SINGLE = re.compile(r"^decoder/layer_(\d+)(/.*|)$")
 _STACKED = re.compile(r"^decoder/layers_(\d+)_(\d+)(/.*|)$")

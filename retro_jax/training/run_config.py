@@ -159,11 +159,20 @@ def upgrade_legacy_fields(values: Mapping[str, Any],
 
 
 # -- architecture check -------------------------------------------------------
+# Model fields that choose how the network is computed, not what it is: the
+# parameters and the function are the same whatever their value (attention:
+# reference or fused kernels, model/fused_attention.py), so a run may resume
+# with another value, and a config saved before the field existed, which
+# lacks it, is not refused either.
+IMPLEMENTATION_FIELDS = ("attention",)
+
+
 def model_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
-  """Model fields whose values differ (lists and tuples compare equal)."""
+  """Model fields whose values differ (lists and tuples compare equal),
+  IMPLEMENTATION_FIELDS aside."""
   def norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
-  keys = sorted(set(saved) | set(current))
+  keys = sorted((set(saved) | set(current)) - set(IMPLEMENTATION_FIELDS))
   return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
           for k in keys if norm(saved.get(k)) != norm(current.get(k))]
 

@@ -124,8 +124,10 @@ def test_sigterm_saves_and_returns(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
+  # No read-ahead, so the signal arrives at a known step (with prefetching
+  # it comes while an earlier step runs: tests/training/test_prefetch.py).
   summary = loop_lib.train(config, str(tmp_path), source=source,
-                          devices=jax.devices()[:1])
+                          devices=jax.devices()[:1], prefetch_depth=0)
   assert summary["status"] == "preempted"
   assert summary["step"] == 4
   ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=100, keep=2)
