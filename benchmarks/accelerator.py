@@ -248,9 +248,11 @@ def main(argv):
   measured = accelerators.matmul_peak_flops(n, dtype=jnp.bfloat16)
   peaks = {"datasheet": accelerators.datasheet_peak_flops(),
            "measured_matmul": measured}
+  sheet = peaks["datasheet"]
   log(f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax "
-      f"{jax.__version__}: bf16 matmul {n}^3 {measured / 1e12:.1f} TFLOP/s, "
-      f"datasheet {(peaks['datasheet'] or 0) / 1e12:.0f} TFLOP/s")
+      f"{jax.__version__}: bf16 matmul {n}^3 {measured / 1e12:.3g} TFLOP/s, "
+      f"datasheet " + (f"{sheet / 1e12:.0f} TFLOP/s" if sheet else
+                       "peak unknown for this device kind"))
   results = []
   for name in _PRESETS.value:
     run = RUNS[name]

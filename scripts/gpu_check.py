@@ -1,5 +1,6 @@
 r"""Checks the model on an accelerator, then times it: one script for a GPU
-host's limited time (at most 8 minutes on one H100/H200 with the defaults).
+host's limited time (sized to finish within 8 minutes on one H100/H200 with
+the defaults; not yet timed on one).
 
   python scripts/gpu_check.py [--batches=/data/batches_2048.npz]
       [--check_preset=bench] [--benchmark=false] [benchmark flags]
