@@ -84,6 +84,13 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def short_error(error: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message
+  (XLA's out-of-memory errors run to pages)."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def preset_config(name: str, remat: str, attention: str
                   ) -> retro_jax.RetroConfig:
   return retro_jax.RetroConfig.preset(
@@ -256,12 +263,21 @@ def main(argv):
   results = []
   for name in _PRESETS.value:
     run = RUNS[name]
-    row = bench_train(name, _BATCH.value or run["batch_size"], _SEQ.value,
-                      _REMAT.value or run["remat"], _ATTENTION.value, peaks,
-                      _BATCHES.value)
-    if _SAMPLE_TOKENS.value:
-      row.update(bench_sampling(name, _ATTENTION.value, _SAMPLE_TOKENS.value,
-                                _SAMPLE_BATCH.value))
+    batch = _BATCH.value or run["batch_size"]
+    try:
+      row = bench_train(name, batch, _SEQ.value, _REMAT.value or run["remat"],
+                        _ATTENTION.value, peaks, _BATCHES.value)
+      if _SAMPLE_TOKENS.value:
+        row.update(bench_sampling(name, _ATTENTION.value,
+                                  _SAMPLE_TOKENS.value, _SAMPLE_BATCH.value))
+    except cli.BadInput:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # One preset out of memory (say) must not cost the others' figures on
+      # a host lent for minutes: the error is reported in its row instead.
+      message = short_error(e)
+      log(f"{name}: failed: {message}")
+      row = {"preset": name, "batch_size": batch, "error": message}
     results.append(row)
   print(json.dumps({"device": device.device_kind,
                     "devices": jax.device_count(),
@@ -269,6 +285,9 @@ def main(argv):
                     "datasheet_bf16_flops": peaks["datasheet"],
                     "measured_bf16_matmul_flops": measured,
                     "presets": results}), flush=True)
+  failed = [row["preset"] for row in results if "error" in row]
+  if failed:
+    cli.fail(f"presets that failed: {', '.join(failed)} (their rows say why)")
 
 
 if __name__ == "__main__":

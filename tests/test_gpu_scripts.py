@@ -114,3 +114,15 @@ def test_benchmark_refuses_a_shard_of_another_shape(tmp_path):
   assert proc.returncode == 1, proc.stderr
   line, = proc.stderr.strip().splitlines()[-1:]
   assert shard in line and "'tokens'" in line and "seq_len=256" in line
+
+
+def test_benchmark_reports_a_failing_preset_and_exits_nonzero():
+  # An invalid remat policy fails the preset when its network is built; the
+  # failure is reported in its row (as an out-of-memory one on a GPU would
+  # be, without losing the other presets' figures) and the exit status is 1.
+  proc = _run("benchmarks/accelerator.py", "--presets=tiny", "--seq_len=128",
+              "--remat=sometimes", "--sample_tokens=0", "--matmul_n=64")
+  assert proc.returncode == 1, proc.stderr
+  row, = json.loads(proc.stdout.strip().splitlines()[-1])["presets"]
+  assert row["preset"] == "tiny" and "RetroConfig.remat" in row["error"]
+  assert "presets that failed: tiny" in proc.stderr.strip().splitlines()[-1]
