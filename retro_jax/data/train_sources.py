@@ -255,21 +255,3 @@ def append_record(path: str, record: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "a", encoding="utf-8") as f:   # Whole lines, flushed:
     f.write(json.dumps(record) + "\n")           # a kill -9 loses none.
-
-
-def recording(source: DataSource, path: str) -> DataSource:
-  """`source`, also appending to the local file `path` one `rows_record`
-  line per batch it yields, when it yields it. A resumed run appends again
-  from its start step, so the last line of a step counts.
-
-  The training loop reads ahead of the step (training/prefetch.py), so it
-  does not wrap its source in this: it takes `rows_record` in the reading
-  thread and appends it when the step takes the batch, so the file holds
-  exactly the batches that were trained on."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-
-  def iterate(start_step: int) -> Iterator[Batch]:
-    for step, batch in enumerate(source(start_step), start_step):
-      append_record(path, rows_record(step, batch))
-      yield batch
-  return iterate

@@ -306,14 +306,16 @@ def test_hosts_read_the_data_shards_that_tile_their_rows():
       read(shard)
 
 
-def test_recording_appends_each_batch_rows_per_step(tmp_path):
+def test_rows_records_append_each_batch_rows_per_step(tmp_path):
   config = tiny_config()
   source = train_sources.make_source(config, sharding.make_mesh(
       {"data": -1}, jax.devices()[:1]))
   path = loop_lib.rows_path(str(tmp_path), 0)
-  recorded = train_sources.recording(source, path)
-  got = [b["tokens"] for _, b in zip(range(2), recorded(5))]
-  again = [b["tokens"] for _, b in zip(range(1), recorded(6))]  # Resumed.
+  got = [b["tokens"] for _, b in zip(range(2), source(5))]
+  again = [b["tokens"] for _, b in zip(range(1), source(6))]  # Resumed.
+  for step, tokens in ((5, got[0]), (6, got[1]), (6, again[0])):
+    train_sources.append_record(
+        path, train_sources.rows_record(step, {"tokens": tokens}))
   with open(path, encoding="utf-8") as f:
     lines = [json.loads(line) for line in f]
   assert [line["step"] for line in lines] == [5, 6, 6]
