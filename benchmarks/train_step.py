@@ -61,9 +61,9 @@ import jax
 import numpy as np
 
 import retro_jax
+from retro_jax.core import accelerators
 from retro_jax.core import cli
 from retro_jax.model import flops
-from retro_jax.training import metrics as metrics_lib
 from retro_jax.core import sharding
 from retro_jax.training import step as step_lib
 
@@ -179,7 +179,7 @@ def main(argv):
   t0 = time.perf_counter()
   ours.run(config.bench.warmup)
   log(f"[retro_jax] compile + warmup {time.perf_counter() - t0:.1f} s")
-  peak = metrics_lib.matmul_peak_flops() / 1e9   # float32 GFLOP/s.
+  peak = accelerators.matmul_peak_flops() / 1e9   # float32 GFLOP/s.
   log(f"[retro_jax] float32 matmul peak {peak:.1f} GFLOP/s")
 
   our_times, peer_runs = [], []

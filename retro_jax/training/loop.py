@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from retro_jax.config import RetroConfig
+from retro_jax.core import accelerators
 from retro_jax.core import files
 from retro_jax.core import sharding
 from retro_jax.data import train_sources
@@ -257,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       tokens_per_step=tc.batch_size * tc.seq_len,
       flops_per_step=flops.train_flops(cfg, tc.batch_size,
                                        tc.seq_len)["total"],
-      peak_flops=metrics_lib.device_peak_flops(tc.peak_flops),
+      peak_flops=accelerators.device_peak_flops(tc.peak_flops),
       num_devices=jax.device_count(), schedule=schedule)
   summary = {"status": "done", "metrics": {}}
   step = start

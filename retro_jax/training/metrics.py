@@ -25,14 +25,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from retro_jax.core import accelerators
-
-# The peak table and matmul measurement live in core/accelerators.py (no
-# TensorFlow there: GPU benchmark hosts import it); re-exported here.
-PEAK_FLOPS = accelerators.PEAK_FLOPS
-matmul_peak_flops = accelerators.matmul_peak_flops
-device_peak_flops = accelerators.device_peak_flops
-
+# The devices' peak FLOP/s (the table and the matmul measurement) are in
+# core/accelerators.py, which GPU hosts without TensorFlow import too.
 
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from retro_jax.core import accelerators
 from retro_jax.training import metrics
 
 
@@ -16,7 +17,7 @@ def test_format_duration():
 
 
 def test_device_peak_flops_override():
-  assert metrics.device_peak_flops(123.0) == 123.0
+  assert accelerators.device_peak_flops(123.0) == 123.0
 
 
 def test_a_window_is_averaged_and_timed(tmp_path):
