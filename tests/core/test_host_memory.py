@@ -16,7 +16,9 @@ from retro_jax.core import host_memory
 # and temporaries (~150 MB per call) are far above glibc's mmap threshold. Run
 # it a few times and count the minor page faults of each later call. With the
 # memory kept, a call faults only when the heap has to grow (now and then, as
-# the allocation order varies between threads), so the median is compared.
+# the allocation order varies between threads; more often on a loaded host,
+# where a few calls also fault ~1,000 pages of small allocations), so the
+# typical call and the total are compared with the plain run's.
 _PROBE = r"""
 import json, resource, sys
 from retro_jax.core import host_memory
@@ -61,7 +63,11 @@ def test_kept_memory_removes_the_page_faults_of_each_execution():
   assert not plain["kept"] and kept["kept"]
   # Without it every call faults its fresh buffers in, 4 KB at a time.
   assert min(plain["faults"]) > 10_000, plain
-  assert statistics.median(kept["faults"]) < 100, kept
+  # The typical call faults under a tenth of what the plain one does...
+  assert statistics.median(kept["faults"]) < min(plain["faults"]) / 10, (
+      plain, kept)
+  # ...and the occasional heap growth does not bring the total back.
+  assert sum(kept["faults"]) < sum(plain["faults"]) / 2, (plain, kept)
   # Once the backend runs, its threads' arenas are fixed: refused.
   assert kept["late"] is False and plain["late"] is False
 
