@@ -36,6 +36,7 @@ from retro_jax.core import accelerators
 from retro_jax.core import cli
 from retro_jax.core import sharding
 from retro_jax.data import numpy_shard
+from retro_jax.data import train_sources
 from retro_jax.inference import sampling
 from retro_jax.model import flops
 from retro_jax.model import fused_attention
@@ -98,18 +99,6 @@ def preset_config(name: str, remat: str, attention: str
       attention=attention)
 
 
-def random_batch(cfg, batch: int, seq_len: int, seed: int = 0):
-  """Token ids 1..V-1 and neighbours, every target counted."""
-  rng = np.random.default_rng(seed)
-  l = seq_len // cfg.chunk_size
-  return {
-      "tokens": rng.integers(1, cfg.vocab_size, (batch, seq_len), np.int32),
-      "neighbours": rng.integers(
-          1, cfg.vocab_size,
-          (batch, l, cfg.num_neighbours, cfg.neighbour_len), np.int32),
-      "loss_mask": np.ones((batch, seq_len), np.int32)}
-
-
 def real_batches(path: str, cfg, batch: int, seq_len: int):
   """The shard's rows regrouped into batches of `batch` rows; checks that
   they fit the preset (sequence length, k, r, vocabulary)."""
@@ -163,7 +152,7 @@ def bench_train(name: str, batch: int, seq_len: int, remat: str,
   model = retro_jax.Retro(cfg)
   optimizer = step_lib.make_optimizer(2e-4, 100, 10_000)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-  host = random_batch(cfg, batch, seq_len)
+  host = train_sources.synthetic_batch(cfg, batch, seq_len, seed=0, step=0)
   device_batch = sharding.global_batch(host, mesh)
   _, state_sh, _ = step_lib.state_shardings(model, optimizer, mesh,
                                             device_batch)

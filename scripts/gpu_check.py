@@ -37,6 +37,7 @@ from benchmarks import accelerator
 from retro_jax.core import accelerators
 from retro_jax.core import cli
 from retro_jax.core import sharding
+from retro_jax.data import train_sources
 from retro_jax.model import fused_attention
 from retro_jax.training import step as step_lib
 
@@ -75,7 +76,7 @@ def config(attention: str) -> retro_jax.RetroConfig:
 
 
 def inputs(cfg, batch: int, seq_len: int, seed: int = 0):
-  return accelerator.random_batch(cfg, batch, seq_len, seed)
+  return train_sources.synthetic_batch(cfg, batch, seq_len, seed=seed, step=0)
 
 
 class Checks:
