@@ -5,10 +5,13 @@ real DB over the training split (real MiniLM, exact index, neighbour table)
 and the neighbour precompute in Beam (FnApiRunner): table lookups for the
 training split, BERT for held-out text. About a minute on 2 CPU cores, so
 `tests/conftest.py` offers it as one session fixture, `stdlib_task`, to the
-Task tests (tests/data/test_tasks.py) and to the training runs that read it
+Task tests (tests/data/test_tasks.py, tests/data/test_task_cache_checks.py)
+and to the training runs that read it
 (tests/training/test_multiprocess.py). Nothing may write into it: a test
 that needs a broken cache copies it first.
 """
+
+import numpy as np
 
 from retro_jax.corpus import sources
 from retro_jax.corpus import vocab
@@ -38,10 +41,7 @@ def build(root) -> dict:
       db_dir, {"train": sources.text_source("python_stdlib", "train",
                                             MAX_BYTES)},
       spm_path, embedder, shard_chunks=100, log=lambda _: None)
-  task = tasks.register_retro_task(
-      NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
-      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
-      retrieval_batch=16)
+  task = register(spm_path, db_dir)
   cache_dir = str(root / "cache")
   lines = []
   summary = tasks.cache_task(NAME, cache_dir, log=lines.append)
@@ -49,6 +49,23 @@ def build(root) -> dict:
               embedder=embedder, cache_dir=cache_dir, summary=summary,
               lines=lines, db=dblib.RetrievalDB.open(db_dir),
               sp=vocab.load(spm_path))
+
+
+def register(spm_path: str, db_dir: str):
+  """Registers NAME as the cache job does (tests that register it otherwise
+  call this again when they end)."""
+  return tasks.register_retro_task(
+      NAME, corpus="python_stdlib", spm_path=spm_path, db_dir=db_dir,
+      seq_len=SEQ_LEN, num_neighbours=K, max_bytes=SPLIT_BYTES,
+      retrieval_batch=16)
+
+
+def read_split(cache_dir: str, split: str, **kw) -> dict:
+  """Every example of a cached split, once, in file order, with doc ids."""
+  rows = list(tasks.batches(NAME, split, batch_size=8, cache_dir=cache_dir,
+                            shuffle=False, repeat=False, with_doc_ids=True,
+                            **kw))
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 def training_flags(task: dict) -> list:
