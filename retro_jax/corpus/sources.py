@@ -16,6 +16,7 @@ one string ("jsonl:/data/pile/*.jsonl.zst") for scripts and configs.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import os
 import sysconfig
@@ -298,14 +299,17 @@ def text_folder(root: str, suffixes: Optional[Sequence[str]] = (".txt",),
                 ) -> Iterator[Document]:
   """One document per file under `root`, in sorted path order.
 
-  A document's source is the file's path relative to `root` ("a/b.txt"), its
-  id `stable_id(source)`. Hidden files and folders (".git") are left out.
-  A folder without a file to read raises a `CorpusError` that names the
-  suffixes read and the files passed over; so does one whose files of the
-  split were all skipped.
+  A document's source is the file's path relative to the folder ("a/b.txt"),
+  its id `stable_id(source)`. Hidden files and folders (".git") are left out.
+  `root` may end in a file-name pattern, as the corpus spec
+  "textdir:/data/code/*.py" does: the files so named in that folder and
+  below are read, whatever `suffixes` says. A folder without a file to read
+  raises a `CorpusError` that names what was looked for and the files passed
+  over; so does one whose files of the split were all skipped.
 
   Args:
-    root: the folder.
+    root: the folder, optionally followed by "/<pattern>" (fnmatch: *, ?,
+      [seq]) on file names.
     suffixes: file name endings to read; None or () for every file.
     split: "train", "validation" (by `split_of(source)`) or None for all.
     validation_percent: share of files held out for validation.
@@ -314,30 +318,58 @@ def text_folder(root: str, suffixes: Optional[Sequence[str]] = (".txt",),
       "unreadable", "empty").
   """
   _check_split(split)
-  if not os.path.isdir(root):
+  folder, pattern = _folder_and_name_pattern(root)
+  if not os.path.isdir(folder):
     raise errors.NoCorpusFiles(f"textdir:{root}", "the folder does not exist")
   suffixes = tuple(suffixes or ())
+  if pattern:
+    wanted = lambda name: fnmatch.fnmatchcase(name, pattern)
+  else:
+    wanted = lambda name: name.endswith(suffixes or ("",))  # All end in "".
   tally = _FolderTally()
   yield from _until(max_bytes, _file_documents(
-      root, lambda d: not d.startswith("."),
-      lambda name: not name.startswith(".") and name.endswith(
-          suffixes or ("",)),  # Every name ends with "".
+      folder, lambda d: not d.startswith("."),
+      lambda name: not name.startswith(".") and wanted(name),
       "", split, validation_percent, skipped, tally=tally))
   if not tally.matched:
-    kinds = " or ".join(suffixes) + " " if suffixes else ""
-    reads = ", ".join(f"*{x}" for x in suffixes) if suffixes else (
-        "every file but hidden ones")
-    passed_over = (errors.describe_passed_over(
-        tally.passed_over, tally.example) if tally.passed_over else
-                   "the folder is empty")
-    raise errors.NoCorpusFiles(
-        f"textdir:{root}", f"no {kinds}files (reads {reads}; {passed_over})")
+    raise errors.NoCorpusFiles(f"textdir:{root}",
+                               _no_files_read(folder, pattern, suffixes, tally))
   if not tally.documents and tally.skipped:
     reasons = ", ".join(f"{n} {reason}" for reason, n in
                         sorted(tally.skipped.items()))
     raise errors.CorpusError(
         f"textdir:{root}", f"no documents: every file read was skipped "
         f"({reasons})")
+
+
+def _folder_and_name_pattern(root: str) -> Tuple[str, Optional[str]]:
+  """"/data/code/*.py" -> ("/data/code", "*.py"); "/data/books" -> (itself,
+  None). Only the last part of the path may hold a pattern."""
+  folder, last = os.path.split(root.rstrip("/") or root)
+  if any(c in last for c in "*?["):
+    return folder or ".", last
+  return root, None
+
+
+def _no_files_read(folder: str, pattern: Optional[str],
+                   suffixes: Sequence[str], tally: _FolderTally) -> str:
+  """Why a folder gave no file: what was looked for, what was passed over,
+  and how to name the files passed over ("textdir:<folder>/*.py")."""
+  if pattern:
+    looked_for, reads = f"files named {pattern}", ""
+  elif suffixes:
+    looked_for = " or ".join(suffixes) + " files"
+    reads = "reads " + ", ".join(f"*{x}" for x in suffixes) + "; "
+  else:
+    looked_for, reads = "files", "reads every file but hidden ones; "
+  if not tally.passed_over:
+    return f"no {looked_for} ({reads}the folder is empty)"
+  why = errors.describe_passed_over(tally.passed_over, tally.example)
+  name = os.path.basename(tally.example or "")
+  extension = os.path.splitext(name)[1]
+  if extension and not name.startswith("."):
+    why += f"; textdir:{folder}/*{extension} reads those"
+  return f"no {looked_for} ({reads}{why})"
 
 
 # --- Prepared TFDS datasets ---------------------------------------------------
@@ -399,7 +431,7 @@ def tfds_dataset(name: str, split: Optional[str] = "train",
 _KINDS: Dict[str, Callable[..., Iterator[Document]]] = {
     "jsonl": jsonl, "textdir": text_folder, "tfds": tfds_dataset}
 KNOWN_SPECS = ("python_stdlib", "python_stdlib:shuffled", "jsonl:<glob>",
-               "textdir:<path>", "tfds:<name>[:<version>]")
+               "textdir:<path>[/<name pattern>]", "tfds:<name>[:<version>]")
 
 
 def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
@@ -408,7 +440,8 @@ def open_corpus(spec: str, **kwargs) -> Iterator[Document]:
   "python_stdlib" is the embedded default (sorted paths) and
   "python_stdlib:shuffled" the same files in a stable hashed order, so that a
   `max_bytes` prefix samples the whole library. "jsonl:/data/pile/*.jsonl.zst",
-  "textdir:/data/books" and "tfds:c4/en:3.0.1" pass the rest of the string to
+  "textdir:/data/books" (its *.txt files; "textdir:/data/code/*.py" names
+  others) and "tfds:c4/en:3.0.1" pass the rest of the string to
   `jsonl`, `text_folder` and `tfds_dataset`. Keyword arguments (split,
   max_bytes, skipped, data_dir, ...) go to the reader.
   """

@@ -268,6 +268,36 @@ def test_text_folder_reads_sorted_and_counts_skips(tmp_path):
     list(sources.text_folder(str(tmp_path / "nope")))
 
 
+def test_a_textdir_spec_may_name_the_files_it_reads(tmp_path):
+  """"textdir:<folder>/*.py" reads the .py files of the folder and below
+  (not hidden ones), as `suffixes=(".py",)` does; the .txt default, finding
+  none, says how to name the files it passed over."""
+  _write(tmp_path, "pkg/mod.py", b"x = 1\n")
+  _write(tmp_path, "pkg/sub/deep.py", b"y = 2\n")
+  _write(tmp_path, "README.md", b"# read me\n")
+  _write(tmp_path, "setup.py", b"z = 3\n")
+  _write(tmp_path, ".hidden/h.py", b"no\n")
+  docs = list(sources.open_corpus(f"textdir:{tmp_path}/*.py"))
+  assert [d.source for d in docs] == ["setup.py", "pkg/mod.py",
+                                      "pkg/sub/deep.py"]
+  assert [d.doc_id for d in docs] == [
+      d.doc_id for d in sources.text_folder(str(tmp_path), suffixes=(".py",))]
+  assert [d.source for d in sources.open_corpus(
+      f"textdir:{tmp_path}/[RS]*")] == ["README.md"]
+  with pytest.raises(FileNotFoundError) as info:
+    list(sources.open_corpus(f"textdir:{tmp_path}"))
+  assert str(info.value) == (
+      f"textdir:{tmp_path}: no .txt files (reads *.txt; passed over 4 other "
+      f"files, e.g. README.md; textdir:{tmp_path}/*.md reads those)")
+  with pytest.raises(FileNotFoundError) as info:
+    list(sources.open_corpus(f"textdir:{tmp_path}/pkg/*.rst"))
+  assert str(info.value) == (
+      f"textdir:{tmp_path}/pkg/*.rst: no files named *.rst (passed over 2 "
+      f"other files, e.g. mod.py; textdir:{tmp_path}/pkg/*.py reads those)")
+  with pytest.raises(FileNotFoundError, match="the folder does not exist"):
+    list(sources.open_corpus(f"textdir:{tmp_path}/gone/*.py"))
+
+
 def test_open_corpus_dispatches_and_lists_kinds(tmp_path):
   _zst(tmp_path / "00.jsonl.zst", PILE)
   _write(tmp_path / "texts", "x.txt", b"hello\n")
@@ -282,7 +312,8 @@ def test_open_corpus_dispatches_and_lists_kinds(tmp_path):
   assert [d.source for d in lib] == ["stdlib:m.py"]
   for spec in ("c4", "jsonl:", "hf:c4/en", "python_stdlib:x"):
     with pytest.raises(ValueError, match=r"known kinds: python_stdlib, "
-                       r"python_stdlib:shuffled, jsonl:<glob>, textdir:<path>, tfds:"):
+                       r"python_stdlib:shuffled, jsonl:<glob>, "
+                       r"textdir:<path>\[/<name pattern>\], tfds:"):
       sources.open_corpus(spec)
 
 
