@@ -69,7 +69,7 @@ stage "done"
 import os, sys
 import numpy as np
 from retro_jax.data import cache_job
-from retro_jax.evaluation import chunk_files, intervals, result_files
+from retro_jax.evaluation import chunk_files, intervals, report, result_files
 w = sys.argv[1]
 cached = cache_job.cached_summary("retro_quickstart", os.path.join(w, "cache"))
 short = {split: cached[split]["missing"] for split in ("train", "validation")}
@@ -100,7 +100,7 @@ for what, g in (("retrieval on vs off", retro["retrieval_gain"]),
 o = leak["overlap"]["overlapping"]
 print(f"leakage probe (the held-out text retrievable too): {o['chunks']} "
       f"chunks with r(C) > 0.75: {o['bpb_on']:.4f} bpb with retrieval, "
-      f"{o['bpb_off']:.4f} without ({100 * o['cut']:.1f}% lower)")
+      f"{o['bpb_off']:.4f} without ({report.relative_change(o['cut'])})")
 g = control["retrieval_gain"]
 print(f"control (random neighbours): retrieval saves {g['bpb_gain']:+.4f} bpb "
       f"({100 * g['relative']:+.2f}%), 95% interval [{g['ci95'][0]:+.4f}, "

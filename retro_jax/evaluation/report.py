@@ -66,6 +66,12 @@ def overlap_split(scores, threshold: float = 0.75) -> Dict[str, Dict]:
   return out
 
 
+def relative_change(cut: float) -> str:
+  """A relative cut in bits per byte as words: "83.1% lower", or "4.3%
+  higher" where retrieval made the figure worse."""
+  return f"{100 * abs(cut):.1f}% {'lower' if cut >= 0 else 'higher'}"
+
+
 def format_overlap(name: str, split: Dict[str, Dict]) -> List[str]:
   """One logged line per side of `overlap_split`."""
   lines = []
@@ -77,8 +83,8 @@ def format_overlap(name: str, split: Dict[str, Dict]) -> List[str]:
       continue
     lines.append(f"{name}: {row['chunks']} chunks with {what}: "
                  f"{row['bpb_on']:.4f} bpb with retrieval, "
-                 f"{row['bpb_off']:.4f} without ({100 * row['cut']:.1f}% "
-                 f"lower)")
+                 f"{row['bpb_off']:.4f} without "
+                 f"({relative_change(row['cut'])})")
   return lines
 
 

@@ -141,6 +141,10 @@ def test_overlap_split_sums_the_chunks_on_each_side_of_the_threshold():
   assert rest["cut"] == pytest.approx(0.0)
   lines = report.format_overlap("task", split)
   assert "50.0% lower" in lines[0] and "r(C) > 0.75" in lines[0]
+  assert lines[1].endswith("(0.0% lower)") and "r(C) <= 0.75" in lines[1]
+  # Where retrieval made the figure worse the line says so, not "-x% lower".
+  worse = dict(split, rest=dict(rest, cut=-0.043))
+  assert report.format_overlap("task", worse)[1].endswith("(4.3% higher)")
 
 
 def test_an_unknown_mode_is_refused_by_name():
