@@ -63,8 +63,12 @@ def main(argv):
     for u, (chunk, hits) in enumerate(zip(out.chunks, attribution)):
       print(f"=== chunk {u} ===\n{chunk}")
       for hit in hits:
+        # A dropped neighbour's text is empty: say so rather than print
+        # a blank the reader might take for an empty chunk.
+        text = hit["text"] or ("(the model read none of it)"
+                               if hit["dropped"] else "")
         print(f"  --- neighbour {hit['neighbour']} --- {_describe(hit)}\n  "
-              + hit["text"].replace("\n", "\n  "))
+              + text.replace("\n", "\n  "))
   if _HTML.value:
     files.write_text(_HTML.value, html_page.render(
         out, attribution, title=f"{_WORKDIR.value} (step {run.step})"))

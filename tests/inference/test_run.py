@@ -284,6 +284,16 @@ def test_sample_script_shows_sources_and_writes_the_page(
     # "  --- neighbour 0 --- chunk 81 · stdlib:...py (document 3), squared L2"
     assert " --- chunk " in line and " · stdlib:" in line, line
     assert "squared L2 " in line, line
+  # Under each neighbour, its text: what the model read, or, where the
+  # alignment dropped it, a line that says so.
+  every = out.splitlines()
+  heads = [i for i, l in enumerate(every) if "--- neighbour" in l or
+           "=== chunk" in l] + [len(every)]
+  for i, end in zip(heads, heads[1:]):
+    if "--- neighbour" in every[i]:
+      assert "".join(every[i + 1:end]).strip(), every[i:end]
+      if "(dropped by alignment)" in every[i]:
+        assert every[i + 1] == "  (the model read none of it)"
   assert f"wrote {page}" in out
   assert not [n for n in os.listdir(tmp_path / "pages") if n != "sample.html"]
   parsed = _Sections()
