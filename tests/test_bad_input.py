@@ -139,7 +139,8 @@ def write_inputs(folder: str, split: str, textdir: bool,
     src = os.path.dirname(at("no_matching_files", "m00.py"))
     cases["no_matching_files"] = Case(
         f"textdir:{src}", rf"textdir:{re.escape(src)}: no \.txt files "
-        r"\(reads \*\.txt; passed over 14 other files, e\.g\. m00\.py\)")
+        r"\(reads \*\.txt; passed over 14 other files, e\.g\. m00\.py; "
+        rf"textdir:{re.escape(src)}/\*\.py reads those\)")
   else:
     cases["no_matching_files"] = Case(
         spec("no_matching_files", ""), r"corpus/\*\.jsonl\*: no file matches "
